@@ -1,0 +1,237 @@
+"""The adversarial-example callback: attacks crafted on the fly for training and robust evaluation.
+
+How it plugs in:
+- Training: at `setup` the callback wraps the LightningModule's `on_after_batch_transfer`, which
+  runs on each rank's own batch after it reaches the device, outside the DDP forward and outside
+  autocast. There it replaces the first `train_fraction` of the batch by adversarial images
+  crafted against the module being trained (PGD-AT), or, with `trades_beta`, adds
+  ``adversarial_image`` and ``trades_beta`` for the module's TRADES loss.
+- Evaluation: after each validation / test batch the callback attacks the module's
+  `robustness_subjects()` on that rank's batch (under `enable_grad` and outside inference mode),
+  accumulates `RobustnessCounts` metrics synced over ranks, logs
+  ``{val,test}/robust_acc/<attack>`` (plus ``attack_success`` and ``perturbation``) and at test
+  end writes `robustness_report.{json,md}` and `adversarial_examples.png` to the trainer's
+  `default_root_dir` (the run directory).
+Attacks never write parameter `.grad` (see `robust_cxr.attacks.attacking`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+
+from robust_cxr.attacks import AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
+from robust_cxr.metrics import RobustnessCounts
+from robust_cxr.reports import save_adversarial_grid, write_robustness_report
+from robust_cxr.threat import DefendedModel
+
+GRADIENT_ASCENT_METHODS = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2")
+
+
+class AdversarialExampleCallback(Callback):
+    """Adversarial training and robust-accuracy evaluation, on every DDP rank's own shard.
+
+    Args:
+        attacks: the evaluation suite, run at validation and test.
+        train_attack: the attack for adversarial training (white-box against the module being
+            trained); None trains on clean images only.
+        train_fraction: share of each training batch replaced by adversarial images (0..1).
+        trades_beta: train with TRADES (CE on clean + beta * KL(clean || adversarial)) instead of
+            PGD-AT; the training attack then ascends that KL.
+        val_every_n_epochs, val_max_batches: strong attacks are expensive, so validation attacks
+            run every n epochs on at most m batches per rank (None: all).
+        test_max_batches: batches per rank attacked at test (None: the full test set).
+        grid_images: images in the test PNG grid (first test batch of rank 0, first attack).
+        seed: seeds random starts, which depend only on (seed, sample index), not on sharding.
+    """
+
+    def __init__(
+        self,
+        attacks: list[AttackSpec] | None = None,
+        train_attack: AttackSpec | None = None,
+        train_fraction: float = 0.5,
+        trades_beta: float | None = None,
+        val_every_n_epochs: int = 1,
+        val_max_batches: int | None = 2,
+        test_max_batches: int | None = None,
+        grid_images: int = 8,
+        seed: int = 0,
+    ):
+        if not 0.0 <= train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must lie in [0, 1], got {train_fraction}.")
+        if train_attack is not None and trades_beta is not None and train_attack.method not in GRADIENT_ASCENT_METHODS:
+            raise ValueError(f"TRADES ascends a KL loss: train_attack must be one of {GRADIENT_ASCENT_METHODS}, not {train_attack.method}.")
+        if val_every_n_epochs < 1:
+            raise ValueError(f"val_every_n_epochs must be >= 1, got {val_every_n_epochs}.")
+        labels = [spec.label for spec in attacks or []]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"Attack names must be unique (they name metrics): {labels}; set `name` to tell them apart.")
+        self.attacks = list(attacks or [])
+        self.train_attack = train_attack
+        self.train_fraction = train_fraction
+        self.trades_beta = trades_beta
+        self.val_every_n_epochs = val_every_n_epochs
+        self.val_max_batches = val_max_batches
+        self.test_max_batches = test_max_batches
+        self.grid_images = grid_images
+        self.seed = seed
+        self._counts: dict[tuple[str, str], RobustnessCounts] = {}
+        self._subjects: list[DefendedModel] = []
+        self._grid: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- training
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.train_attack is None or stage != TrainerFn.FITTING.value:
+            return
+        original = pl_module.on_after_batch_transfer
+
+        def on_after_batch_transfer(batch, dataloader_idx):
+            batch = original(batch, dataloader_idx)
+            if trainer.training:
+                batch = self._adversarial_training_batch(trainer, pl_module, batch)
+            return batch
+
+        pl_module.on_after_batch_transfer = on_after_batch_transfer
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.__dict__.pop("on_after_batch_transfer", None)
+
+    def _adversarial_training_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> dict:
+        count = round(self.train_fraction * len(batch["label"]))
+        if count == 0:
+            return batch
+        images, labels = batch["image"][:count], batch["label"][:count]
+        source = pl_module.adversarial_training_source()
+        common = dict(
+            num_classes=pl_module.hparams.num_classes,
+            keys=batch["index"][:count] if "index" in batch else None,
+            seed=self.seed + 1 + trainer.global_step,
+            autocast_dtype=_attack_dtype(trainer),
+        )
+        if self.trades_beta is None:
+            adversarial = craft_adversarial(self.train_attack, source, images, labels, **common)
+            return {**batch, "image": torch.cat([adversarial, batch["image"][count:]])}
+        with attacking(source):
+            clean_probabilities = source(images).softmax(dim=1).detach()
+        adversarial = craft_adversarial(
+            self.train_attack, source, images, clean_probabilities, loss_fn=trades_kl_loss, **common
+        )
+        return {**batch, "adversarial_image": adversarial, "trades_beta": self.trades_beta}
+
+    # --------------------------------------------------------------- evaluation
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = trainer.state.fn != TrainerFn.FITTING or (trainer.current_epoch + 1) % self.val_every_n_epochs == 0
+        self._start_evaluation(pl_module, active=due and not trainer.sanity_checking)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_evaluation(pl_module, active=True)
+
+    def _start_evaluation(self, pl_module: L.LightningModule, active: bool) -> None:
+        self._counts, self._grid = {}, None
+        if not active or not self.attacks:
+            return
+        self._subjects = pl_module.robustness_subjects()
+        for subject in self._subjects:
+            self._counts[(subject.key, "none")] = RobustnessCounts().to(pl_module.device)
+            for spec in self.attacks:
+                if subject.attack_source(spec.threat_model) is not None:
+                    self._counts[(subject.key, spec.label)] = RobustnessCounts().to(pl_module.device)
+        skipped = [s.label for s in self.attacks if all((subj.key, s.label) not in self._counts for subj in self._subjects)]
+        if skipped:
+            rank_zero_info(f"Attacks {skipped} do not apply to {[s.key for s in self._subjects]} and are skipped.")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._counts and (self.val_max_batches is None or batch_idx < self.val_max_batches):
+            self._evaluate_batch(trainer, pl_module, batch, capture_grid=False)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._counts and (self.test_max_batches is None or batch_idx < self.test_max_batches):
+            self._evaluate_batch(trainer, pl_module, batch, capture_grid=batch_idx == 0 and trainer.is_global_zero)
+
+    def _evaluate_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, capture_grid: bool) -> None:
+        with torch.inference_mode(False):  # batches made under inference mode cannot enter autograd
+            images, labels = batch["image"].clone(), batch["label"].clone()
+            keys = batch["index"].clone() if "index" in batch else None
+        dtype = _attack_dtype(trainer)
+        for subject in self._subjects:
+            clean_predictions = _predict(subject.pipeline, images, dtype)
+            clean_correct = clean_predictions == labels
+            self._counts[(subject.key, "none")].update(clean_correct, clean_correct, torch.zeros_like(labels, dtype=torch.float))
+            for spec in self.attacks:
+                source = subject.attack_source(spec.threat_model)
+                if source is None:
+                    continue
+                adversarial = craft_adversarial(
+                    spec, source, images, labels, num_classes=pl_module.hparams.num_classes, keys=keys, seed=self.seed, autocast_dtype=dtype
+                )
+                adversarial_predictions = _predict(subject.pipeline, adversarial, dtype)
+                norms = perturbation_norm(adversarial, images, spec.norm)
+                self._counts[(subject.key, spec.label)].update(clean_correct, adversarial_predictions == labels, norms)
+                if capture_grid and self._grid is None:
+                    n = self.grid_images
+                    self._grid = dict(
+                        clean=images[:n], adversarial=adversarial[:n], labels=labels[:n], clean_predictions=clean_predictions[:n],
+                        adversarial_predictions=adversarial_predictions[:n], eps=spec.eps,
+                    )
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_results("val", pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = self._log_results("test", pl_module)
+        if not rows or not trainer.is_global_zero:
+            return
+        directory = Path(trainer.default_root_dir)
+        report = write_robustness_report(rows, directory)
+        if self._grid is not None:
+            class_names = pl_module.hparams.get("class_names") or [str(i) for i in range(pl_module.hparams.num_classes)]
+            save_adversarial_grid(directory / "adversarial_examples.png", class_names=class_names, **self._grid)
+        rank_zero_info(f"Robustness report: {report}")
+
+    def _log_results(self, stage: str, pl_module: L.LightningModule) -> list[dict]:
+        """Computes every counter (a collective: all ranks call it), logs the metrics, returns report rows."""
+        rows = []
+        specs = {spec.label: spec for spec in self.attacks}
+        for (subject_key, attack), counts in self._counts.items():
+            result = counts.compute()
+            subject = next(s for s in self._subjects if s.key == subject_key)
+            suffix = f"/{subject_key}" if len(self._subjects) > 1 else ""
+            spec = specs.get(attack)
+            if spec is not None:
+                for name in ("robust_acc", "attack_success", "perturbation"):
+                    pl_module.log(f"{stage}/{name}/{attack}{suffix}", result[name].float(), sync_dist=True)
+            rows.append(
+                dict(
+                    model=subject.model,
+                    defense=subject.defense,
+                    attack=attack,
+                    threat_model=spec.threat_model if spec else "none",
+                    norm=spec.norm if spec else "none",
+                    eps=spec.eps if spec else 0.0,
+                    accuracy=result["robust_acc"].item(),
+                    n=int(result["total"]),
+                    correct=int(result["robust_correct"]),
+                    attack_success=result["attack_success"].item() if spec else None,
+                    perturbation=result["perturbation"].item() if spec else None,
+                    steps=spec.steps if spec else None,
+                    eot_samples=spec.eot_samples if spec else None,
+                )
+            )
+        return rows
+
+
+def _attack_dtype(trainer: L.Trainer) -> torch.dtype | None:
+    """bf16 attacks under bf16 mixed precision; fp32 otherwise (fp16 gradients are too coarse)."""
+    return torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Predicted classes (B,) of `model` for images (B, C, H, W) in [0, 1]."""
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return model(images).argmax(dim=1)

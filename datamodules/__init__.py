@@ -1,0 +1,5 @@
+"""The DataModule shared by every stage."""
+
+from datamodules.chest_xray import Augmentation, ChestXRayDataModule
+
+__all__ = ["Augmentation", "ChestXRayDataModule"]

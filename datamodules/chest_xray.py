@@ -1,0 +1,349 @@
+"""One DataModule for every stage: synthetic phantoms, ImageFolder trees and MedMNIST `.npz` files.
+
+Every source is decoded once, resized to `image_size` and kept in memory as 8-bit grayscale
+(chest X-rays are grayscale; `channels=3` replicates the plane for RGB backbones). Batches are
+dicts ``{"image": (B, C, S, S) float32 in [0, 1], "label": (B,) int64, "index": (B,) int64}``.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import albumentations as A
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from datamodules.synthetic import generate_phantoms
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+MEDMNIST_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
+SYNTHETIC_CLASS_NAMES = ("normal", "tuberculosis")
+
+
+@dataclass
+class Augmentation:
+    """Mild training augmentation for radiographs (flips stay off: anatomy is not mirror-symmetric)."""
+
+    probability: float = 0.5
+    horizontal_flip: bool = False
+    rotate_degrees: float = 5.0
+    translate: float = 0.04
+    scale: float = 0.05
+    brightness_contrast: float = 0.1
+
+    def build(self) -> A.Compose:
+        """The albumentations pipeline for (H, W) uint8 images."""
+        transforms = [
+            A.Affine(
+                rotate=(-self.rotate_degrees, self.rotate_degrees),
+                translate_percent=(-self.translate, self.translate),
+                scale=(1 - self.scale, 1 + self.scale),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                p=self.probability,
+            ),
+            A.RandomBrightnessContrast(self.brightness_contrast, self.brightness_contrast, p=self.probability),
+        ]
+        if self.horizontal_flip:
+            transforms.append(A.HorizontalFlip(p=0.5))
+        return A.Compose(transforms)
+
+
+class GrayscaleImageDataset(Dataset):
+    """uint8 images (N, S, S) and labels (N,) -> ``{"image": (C, S, S) float32 in [0, 1], "label", "index"}``.
+
+    ``index`` (the sample's position in its split) keys per-sample random attack starts.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, channels: int, transform: A.Compose | None = None):
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.channels = channels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0).unsqueeze(0)
+        return {"image": pixels.expand(self.channels, -1, -1), "label": self.labels[index], "index": index}
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Shards evaluation data over ranks without the padding of `DistributedSampler`.
+
+    Every sample is scored exactly once, so metrics summed across ranks equal a 1-process run.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ChestXRayDataModule(L.LightningDataModule):
+    """Chest X-ray classification data from one of three sources.
+
+    Args:
+        source: ``synthetic`` (phantoms generated from `seed`, no files), ``folder`` (one subfolder
+            per class under `root`, or `root/{train,val,test}/<class>/`) or ``medmnist`` (a MedMNIST
+            `.npz` with its official splits).
+        root: folder or `.npz` path for the file sources.
+        image_size: side S of the square images the model sees.
+        channels: 1 (grayscale) or 3 (grayscale replicated, for RGB backbones).
+        split: train/val/test fractions for sources without their own splits (stratified, seeded).
+        synthetic_samples: number of phantoms generated in total for ``synthetic``.
+        class_names: overrides the names of the classes (e.g. for `.npz` files, which carry none).
+    """
+
+    def __init__(
+        self,
+        source: Literal["synthetic", "folder", "medmnist"] = "synthetic",
+        root: str | None = None,
+        image_size: int = 64,
+        channels: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        synthetic_samples: int = 3000,
+        augmentation: Augmentation | None = None,
+        class_names: list[str] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["class_names"])  # the model logs the resolved names
+        _check_options(source, root, image_size, channels, split)
+        self.root = Path(root) if root is not None else None
+        self.augmentation = augmentation if augmentation is not None else Augmentation()
+        discovered = self._discover_class_names()
+        if class_names is not None and len(class_names) != len(discovered):
+            raise ValueError(
+                f"--data.class_names has {len(class_names)} names but the data has {len(discovered)} classes "
+                f"({discovered}); give one name per class or leave it unset."
+            )
+        self._class_names = list(class_names) if class_names is not None else discovered
+        self.datasets: dict[str, GrayscaleImageDataset] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (label i is `class_names[i]`)."""
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._class_names)
+
+    def _discover_class_names(self) -> list[str]:
+        if self.hparams.source == "synthetic":
+            return list(SYNTHETIC_CLASS_NAMES)
+        if self.hparams.source == "folder":
+            return _folder_class_names(_folder_layout(self.root)[0])
+        labels = _read_medmnist(self.root, labels_only=True)
+        return [f"class_{i}" for i in range(int(max(labels[k].max() for k in labels)) + 1)]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        if hp.source == "synthetic":
+            splits = self._synthetic_splits()
+        elif hp.source == "folder":
+            splits = self._folder_splits()
+        else:
+            splits = self._medmnist_splits()
+        for name, (images, labels) in splits.items():
+            transform = self.augmentation.build() if name == "train" else None
+            self.datasets[name] = GrayscaleImageDataset(images, labels, hp.channels, transform)
+
+    def _synthetic_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        hp = self.hparams
+        images, labels = generate_phantoms(hp.synthetic_samples, hp.image_size, seed=hp.seed)
+        pixels = images.squeeze(1).mul(255).round().to(torch.uint8).numpy()
+        return _stratified_split(pixels, labels.numpy(), hp.split, hp.seed)
+
+    def _folder_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        hp = self.hparams
+        class_root, split_folders = _folder_layout(self.root)
+        names = _folder_class_names(class_root)
+        if split_folders is None:
+            images, labels = _load_class_folders(class_root, names, hp.image_size)
+            return _stratified_split(images, labels, hp.split, hp.seed)
+        splits = {name: _load_class_folders(folder, names, hp.image_size) for name, folder in split_folders.items()}
+        if "val" not in splits:
+            train_fraction = hp.split[0] / (hp.split[0] + hp.split[1])
+            carved = _stratified_split(*splits["train"], (train_fraction, 1 - train_fraction, 0.0), hp.seed)
+            splits["train"], splits["val"] = carved["train"], carved["val"]
+        return splits
+
+    def _medmnist_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        arrays = _read_medmnist(self.root, labels_only=False)
+        return {
+            split: (_resize_uint8(arrays[f"{split}_images"], self.hparams.image_size), arrays[f"{split}_labels"])
+            for split in SPLITS
+        }
+
+    def _loader(self, split: str) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        dataset = self.datasets[split]
+        training = split == "train"
+        sampler = None
+        trainer = self.trainer
+        if not training and trainer is not None and trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=training,
+            sampler=sampler,
+            drop_last=training and len(dataset) > self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+def _check_options(source: str, root: str | None, image_size: int, channels: int, split: tuple[float, ...]) -> None:
+    if source not in ("synthetic", "folder", "medmnist"):
+        raise ValueError(f"--data.source must be synthetic, folder or medmnist, got {source!r}.")
+    if source != "synthetic" and root is None:
+        raise ValueError(f"--data.source {source} reads files: set --data.root to the dataset's folder or .npz file.")
+    if source != "synthetic" and not Path(root).exists():
+        expected = "a folder with one subfolder per class (e.g. Normal/, Tuberculosis/)" if source == "folder" else "a MedMNIST .npz file"
+        raise FileNotFoundError(f"--data.root {root!r} does not exist; point it at {expected}.")
+    if image_size < 8:
+        raise ValueError(f"--data.image_size must be at least 8 pixels, got {image_size}.")
+    if channels not in (1, 3):
+        raise ValueError(f"--data.channels must be 1 (grayscale) or 3 (replicated for RGB models), got {channels}.")
+    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6:
+        raise ValueError(f"--data.split must be three non-negative train/val/test fractions summing to 1, got {split}.")
+
+
+def _folder_layout(root: Path) -> tuple[Path, dict[str, Path] | None]:
+    """The folder whose subfolders name the classes, and the split folders when `root/train` exists."""
+    if not root.is_dir():
+        raise NotADirectoryError(f"--data.root {str(root)!r} is a file; --data.source folder needs a folder of class subfolders.")
+    if not (root / "train").is_dir():
+        return root, None
+    if not (root / "test").is_dir():
+        raise FileNotFoundError(f"{root / 'train'} exists but {root / 'test'} does not: give both (val/ is optional) or neither.")
+    splits = {name: root / name for name in SPLITS if (root / name).is_dir()}
+    return root / "train", splits
+
+
+def _folder_class_names(class_root: Path) -> list[str]:
+    names = sorted(p.name for p in class_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(names) < 2:
+        raise ValueError(
+            f"{class_root} has {len(names)} class subfolder(s) {names}; a classifier needs at least two "
+            f"(e.g. Normal/ and Tuberculosis/), each holding that class's images."
+        )
+    return names
+
+
+def _load_class_folders(class_root: Path, class_names: list[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image under `class_root/<class>/` to (N, S, S) uint8 with labels (N,); corrupt files are skipped."""
+    names = _folder_class_names(class_root)
+    if names != class_names:
+        raise ValueError(f"{class_root} has classes {names}, but the training folder has {class_names}; every split needs the same class subfolders.")
+    files, labels = [], []
+    for label, name in enumerate(names):
+        class_files = sorted(p for p in (class_root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not class_files:
+            raise ValueError(f"Class folder {class_root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        files += class_files
+        labels += [label] * len(class_files)
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        decoded = list(pool.map(lambda path: _decode_grayscale(path, image_size), files))
+    skipped = [str(path) for path, image in zip(files, decoded) if image is None]
+    if skipped:
+        if len(skipped) == len(files):
+            raise ValueError(f"None of the {len(files)} images under {class_root} could be read (first: {skipped[0]}).")
+        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        rank_zero_warn(f"Skipped {len(skipped)} unreadable image(s) of {len(files)} under {class_root}: {shown}")
+    keep = [i for i, image in enumerate(decoded) if image is not None]
+    return np.stack([decoded[i] for i in keep]), np.asarray(labels, dtype=np.int64)[keep]
+
+
+def _decode_grayscale(path: Path, image_size: int) -> np.ndarray | None:
+    """(S, S) uint8 for a readable image file, None for a corrupt or truncated one."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR))
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def _read_medmnist(path: Path, labels_only: bool) -> dict[str, np.ndarray]:
+    """The arrays of a MedMNIST `.npz`; labels flattened to (N,) int64."""
+    try:
+        archive = np.load(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable .npz file ({error}); --data.source medmnist needs a MedMNIST .npz.") from error
+    with archive:
+        wanted = [key for key in MEDMNIST_KEYS if key.endswith("labels") or not labels_only]
+        missing = [key for key in MEDMNIST_KEYS if key not in archive.files]
+        if missing:
+            raise KeyError(f"{path} lacks the MedMNIST keys {missing} (it has {archive.files}); expected {list(MEDMNIST_KEYS)}.")
+        arrays = {key: archive[key] for key in wanted}
+    for key in arrays:
+        if key.endswith("labels"):
+            arrays[key] = arrays[key].reshape(len(arrays[key]), -1)[:, 0].astype(np.int64)
+    return arrays
+
+
+def _resize_uint8(images: np.ndarray, image_size: int) -> np.ndarray:
+    """(N, h, w) or (N, h, w, 3) uint8 -> (N, S, S) uint8 grayscale, antialiased."""
+    pixels = torch.from_numpy(images).float()
+    if pixels.ndim == 4:
+        pixels = pixels.mean(dim=-1)
+    if pixels.shape[-1] != image_size:
+        pixels = torch.nn.functional.interpolate(
+            pixels.unsqueeze(1), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        ).squeeze(1)
+    return pixels.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _stratified_split(
+    images: np.ndarray, labels: np.ndarray, fractions: tuple[float, float, float], seed: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Seeded split keeping each class's share in every split; returns {split: (images, labels)}."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_val = round(len(members) * fractions[1])
+        n_test = round(len(members) * fractions[2])
+        parts["val"].append(members[:n_val])
+        parts["test"].append(members[n_val : n_val + n_test])
+        parts["train"].append(members[n_val + n_test :])
+    splits = {}
+    for split, chunks in parts.items():
+        order = np.sort(np.concatenate(chunks))
+        splits[split] = (images[order], labels[order])
+    return splits

@@ -1,0 +1,108 @@
+"""The training, evaluation and optimisation logic shared by every stage that trains a classifier."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+from robust_cxr.metrics import class_scores, classification_metrics
+from robust_cxr.threat import DefendedModel
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.01) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ImageClassifierModule(L.LightningModule):
+    """Base LightningModule: `self.model` maps (B, C, H, W) images in [0, 1] to logits (B, K).
+
+    Batches are dicts with ``image`` (B, C, H, W) in [0, 1] and ``label`` (B,). The adversarial
+    callback may add ``adversarial_image`` (B', C, H, W) and ``trades_beta`` for TRADES, which
+    pairs each adversarial image with the first B' clean ones.
+
+    Args:
+        lr, weight_decay: AdamW settings (no decay on norms, biases, position embeddings).
+        warmup_epochs: linear warmup length (fractions allowed), then cosine decay per step.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    report_name = "classifier"
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_acc = classification_metrics(num_classes)["acc"].clone()
+        self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
+        self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
+        self.model: nn.Module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def robustness_subjects(self) -> list[DefendedModel]:
+        """The deployed models the adversarial callback evaluates (see `DefendedModel`)."""
+        return [DefendedModel(self.report_name, "none", self.model, self.model)]
+
+    def adversarial_training_source(self) -> nn.Module:
+        """The module that adversarial-training attacks follow: the classifier being trained."""
+        return self.model
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of a training batch and the logits of ``batch["image"]``; adds the TRADES term when present."""
+        logits = self(batch["image"])
+        loss = self.criterion(logits, batch["label"])
+        if "adversarial_image" in batch:
+            adversarial_logits = self(batch["adversarial_image"])
+            clean_log_probs = F.log_softmax(logits[: len(adversarial_logits)], dim=1)
+            kl = F.kl_div(F.log_softmax(adversarial_logits, dim=1), clean_log_probs, reduction="batchmean", log_target=True)
+            loss = loss + batch["trades_beta"] * kl
+        return loss, logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logits = self.training_loss(batch)
+        self.train_acc(class_scores(logits), batch["label"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _evaluation_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        logits = self(batch["image"])
+        loss = self.criterion(logits, batch["label"])
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(class_scores(logits), batch["label"])
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(logits))
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        no_decay = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=no_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

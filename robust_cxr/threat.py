@@ -1,0 +1,43 @@
+"""Threat models: which module an attack follows and which one it is scored on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from robust_cxr.attacks import ThreatModel
+
+
+@dataclass
+class DefendedModel:
+    """A classifier as deployed, with what robustness evaluation needs to attack it.
+
+    Args:
+        model: name of the classifier in reports (``teacher``, ``teacher_finetuned``, ``student``).
+        defense: ``none`` or what stands in front of the classifier (``purifier/ddim-10``).
+        classifier: the undefended classifier, [0, 1] images -> logits (the gray-box source).
+        pipeline: defense then classifier, what is deployed and scored (the classifier itself
+            when `defense` is ``none``).
+        transfer_source: another model whose attacks are transferred (e.g. the teacher).
+    """
+
+    model: str
+    defense: str
+    classifier: nn.Module
+    pipeline: nn.Module
+    transfer_source: nn.Module | None = None
+
+    @property
+    def key(self) -> str:
+        """Identifier for metric names, e.g. ``teacher`` or ``teacher+purifier/ddim-10``."""
+        return self.model if self.defense == "none" else f"{self.model}+{self.defense}"
+
+    def attack_source(self, threat_model: ThreatModel) -> nn.Module | None:
+        """The module an attack of `threat_model` follows; None where that threat model does not
+        apply (gray-box on an undefended model is white-box; transfer needs a transfer source)."""
+        if threat_model == "whitebox":
+            return self.pipeline
+        if threat_model == "graybox":
+            return None if self.defense == "none" else self.classifier
+        return self.transfer_source

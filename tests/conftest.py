@@ -1,0 +1,63 @@
+"""Shared test helpers: tiny configs derived from the real ones, paths to the optional shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ["WANDB_MODE"] = "disabled"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SHARED_DATA = REPO.parent / "shared" / "data"
+PNEUMONIA_FOLDER = SHARED_DATA / "chest_xray_pneumonia_128"
+PNEUMONIA_NPZ = SHARED_DATA / "pneumoniamnist.npz"
+
+requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+
+TINY_VIT = {"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shrink_config(config: str | Path, directory: Path, max_steps: int = 2, keep_model: bool = False, **data: object) -> Path:
+    """A copy of a real config made tiny: small ViT, small synthetic data, attacks capped at `max_steps`.
+
+    Keyword arguments override `data` settings; `keep_model` keeps the config's own model. Returns the YAML path.
+    """
+    settings = yaml.safe_load(Path(config).read_text())
+    settings["data"].update(dict(image_size=32, channels=1, synthetic_samples=240, batch_size=32, num_workers=0), **data)
+    init_args = settings["model"]["init_args"]
+    if "model_name" in init_args and not keep_model:
+        init_args.update(model_name="vit_tiny_patch16_224", model_kwargs=dict(TINY_VIT), pretrained_weights=None)
+    settings["trainer"].update(accelerator="cpu", devices=1, strategy="auto", precision="32-true", enable_progress_bar=False)
+    for callback in settings["trainer"].get("callbacks", []):
+        arguments = callback.get("init_args", {})
+        for spec in arguments.get("attacks", []) + [arguments.get("train_attack") or {}]:
+            if "steps" in spec:
+                spec["steps"] = min(spec["steps"], max_steps)
+    path = directory / f"tiny_{Path(config).name}"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def run_train(config: Path, run_dir: Path, *overrides: str) -> dict[str, float]:
+    """Runs `train.main` in-process on `config` with the run directory and extra CLI overrides."""
+    from train import main
+
+    return main(["--config", str(config), "--run_dir", str(run_dir), *overrides])
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory) -> Path:
+    """The run directory of a tiny teacher trained with the real teacher config (PGD-10, APGD-10 at test)."""
+    directory = tmp_path_factory.mktemp("teacher")
+    config = shrink_config(CONFIGS / "teacher.yaml", directory, max_steps=10, image_size=48, synthetic_samples=800)
+    run_dir = directory / "run"
+    run_train(config, run_dir, "--trainer.max_epochs", "6", "--model.init_args.lr", "2e-3")
+    return run_dir

@@ -1,0 +1,180 @@
+"""The attack library on a small trained classifier: budgets, strength, no gradient leaks, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules.synthetic import generate_phantoms
+from robust_cxr.attacks import (
+    AttackSpec,
+    ExpectationOverTransformation,
+    attacking,
+    craft_adversarial,
+    keyed_uniform,
+    perturbation_norm,
+)
+
+EPS = 0.03
+
+
+def small_cnn(num_classes: int = 2) -> nn.Module:
+    """A BatchNorm CNN: attacks must run it in eval mode to be correct."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small CNN trained on phantoms to well above chance, with 64 held-out images."""
+    torch.manual_seed(0)
+    images, labels = generate_phantoms(864, 48, seed=11)
+    model = small_cnn()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        for batch in torch.randperm(800).view(-1, 50):
+            loss = F.cross_entropy(model(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return model, images[800:], labels[800:]
+
+
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(images).argmax(1) == labels).float().mean().item()
+
+
+SPECS = [
+    AttackSpec(method="fgsm", eps=EPS),
+    AttackSpec(method="pgd", eps=EPS, steps=10),
+    AttackSpec(method="bim", eps=EPS, steps=10),
+    AttackSpec(method="mifgsm", eps=EPS, steps=10),
+    AttackSpec(method="pgd_l2", eps=1.0, steps=10),
+    AttackSpec(method="apgd_ce", eps=EPS, steps=10),
+    AttackSpec(method="cw_l2", steps=20),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.label)
+def test_attack_stays_in_budget_and_lowers_accuracy(trained, spec):
+    model, images, labels = trained
+    clean = _accuracy(model, images, labels)
+    assert clean > 0.75
+    adversarial = craft_adversarial(spec, model, images, labels, num_classes=2, keys=torch.arange(len(images)))
+    assert adversarial.shape == images.shape and adversarial.dtype == torch.float32
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    if spec.method != "cw_l2":
+        assert perturbation_norm(adversarial, images, spec.norm).max() <= spec.eps + 1e-6
+    assert _accuracy(model, adversarial, labels) < clean - 0.2
+
+
+def test_iterative_attacks_are_stronger_than_fgsm(trained):
+    model, images, labels = trained
+    accuracy = {
+        spec.label: _accuracy(model, craft_adversarial(spec, model, images, labels, num_classes=2, keys=torch.arange(64)), labels)
+        for spec in SPECS[:2] + SPECS[5:6]
+    }
+    assert accuracy["fgsm"] >= accuracy["pgd10"] >= accuracy["apgd_ce"] - 1 / 64, accuracy
+
+
+def test_attack_leaves_parameters_gradients_and_mode_alone(trained):
+    model, images, labels = trained
+    model.train()
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    try:
+        for parameter in model.parameters():
+            parameter.grad = None
+        craft_adversarial(SPECS[1], model, images[:8], labels[:8], num_classes=2)
+        assert all(p.grad is None for p in model.parameters())
+        assert model.training and all(m.training for m in model.modules())
+        assert not frozen.requires_grad and all(p.requires_grad for p in list(model.parameters())[1:])
+    finally:
+        frozen.requires_grad_(True)
+        model.eval()
+
+
+def test_attacks_run_inside_inference_mode(trained):
+    model, images, labels = trained
+    with torch.inference_mode():
+        frozen_batch = images[:8].clone()
+    with torch.inference_mode():
+        with torch.inference_mode(False):
+            usable = frozen_batch.clone()
+        adversarial = craft_adversarial(SPECS[1], model, usable, labels[:8], num_classes=2)
+    assert perturbation_norm(adversarial, usable, "linf").max() <= EPS + 1e-6
+
+
+def test_keyed_noise_depends_on_the_key_not_the_batch():
+    like = torch.zeros(6, 1, 4, 4)
+    keys = torch.tensor([5, 9, 2, 7, 11, 3])
+    full = keyed_uniform(like, keys, seed=1)
+    part = keyed_uniform(like[:2], torch.tensor([2, 9]), seed=1)
+    assert torch.equal(part[0], full[2]) and torch.equal(part[1], full[1])
+    assert not torch.equal(full[0], full[1])
+    assert not torch.equal(keyed_uniform(like, keys, seed=2), full)
+    many = keyed_uniform(torch.zeros(64, 1, 32, 32), torch.arange(64), seed=0)
+    assert 0 <= many.min() and many.max() < 1 and abs(many.mean().item() - 0.5) < 0.01
+
+
+def test_random_start_pgd_is_independent_of_batch_composition(trained):
+    model, images, labels = trained
+    spec = AttackSpec(method="pgd", eps=EPS, steps=3)
+    keys = torch.arange(8)
+    together = craft_adversarial(spec, model, images[:8], labels[:8], num_classes=2, keys=keys)
+    alone = craft_adversarial(spec, model, images[4:6], labels[4:6], num_classes=2, keys=keys[4:6])
+    torch.testing.assert_close(alone, together[4:6], atol=1e-5, rtol=0)
+
+
+def test_expectation_over_transformation_averages_draws():
+    class Noisy(nn.Module):
+        def forward(self, images):
+            return images.flatten(1)[:, :2] + torch.randn(len(images), 2)
+
+    images = torch.rand(4, 1, 2, 2)
+    averaged = ExpectationOverTransformation(Noisy(), samples=4000)(images)
+    torch.testing.assert_close(averaged, images.flatten(1)[:, :2], atol=0.08, rtol=0)
+
+
+def test_dlr_attacks_need_three_classes(trained):
+    model, images, labels = trained
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        craft_adversarial(AttackSpec(method="apgd_dlr"), model, images[:4], labels[:4], num_classes=2)
+
+
+def test_dlr_and_autoattack_run_on_multiclass_models():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4)).eval()
+    images = torch.rand(6, 1, 8, 8)
+    labels = model(images).argmax(1).detach()
+    for spec in (AttackSpec(method="apgd_dlr", eps=0.3, steps=10), AttackSpec(method="autoattack", eps=0.3)):
+        adversarial = craft_adversarial(spec, model, images, labels, num_classes=4)
+        assert perturbation_norm(adversarial, images, "linf").max() <= 0.3 + 1e-6
+        assert _accuracy(model, adversarial, labels) < 1.0
+
+
+def test_bad_attack_settings_are_errors():
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        AttackSpec(method="pgd", eps=0.0)
+    with pytest.raises(ValueError, match="custom loss"):
+        craft_adversarial(
+            AttackSpec(method="cw_l2"), nn.Flatten(), torch.rand(1, 1, 2, 2), torch.zeros(1, dtype=torch.long),
+            num_classes=2, loss_fn=lambda logits, labels: logits.sum(),
+        )
+
+
+def test_attacking_context_restores_state_after_an_error(trained):
+    model, _, _ = trained
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"):
+        with attacking(model):
+            raise RuntimeError("boom")
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    model.eval()

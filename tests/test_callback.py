@@ -1,0 +1,205 @@
+"""AdversarialExampleCallback: robust evaluation, reports, adversarial training, DDP and inference mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+
+from callbacks import AdversarialExampleCallback
+from conftest import CONFIGS, REPO, TINY_VIT, shrink_config
+from datamodules import ChestXRayDataModule
+from lightning_modules import TeacherClassifier
+from robust_cxr.attacks import AttackSpec
+
+EPS = 0.03
+EVAL_ATTACKS = [AttackSpec(method="fgsm", eps=EPS), AttackSpec(method="pgd", eps=EPS, steps=5)]
+
+
+def _datamodule(**overrides) -> ChestXRayDataModule:
+    settings = dict(image_size=48, synthetic_samples=240, batch_size=16, num_workers=0, seed=0)
+    return ChestXRayDataModule(**{**settings, **overrides})
+
+
+def _trainer(tmp_path, callbacks, **overrides) -> L.Trainer:
+    settings = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(tmp_path))
+    return L.Trainer(callbacks=callbacks, **{**settings, **overrides})
+
+
+def _report(run_dir) -> dict[str, dict]:
+    return {row["attack"]: row for row in json.loads((run_dir / "robustness_report.json").read_text())}
+
+
+def test_test_report_of_a_trained_teacher(teacher_run):
+    rows = _report(teacher_run)
+    assert set(rows) == {"none", "fgsm", "pgd10", "apgd_ce"}
+    clean = rows["none"]["accuracy"]
+    assert clean > 0.75
+    for name in ("fgsm", "pgd10", "apgd_ce"):
+        row = rows[name]
+        assert {"model", "defense", "attack", "threat_model", "norm", "eps", "accuracy", "n"} <= set(row)
+        assert (row["model"], row["defense"], row["threat_model"], row["norm"]) == ("teacher", "none", "whitebox", "linf")
+        assert row["n"] == rows["none"]["n"] == 120
+        assert row["accuracy"] < clean - 0.2, row
+        assert row["perturbation"] <= EPS + 1e-6
+    assert rows["fgsm"]["accuracy"] > rows["pgd10"]["accuracy"] >= rows["apgd_ce"]["accuracy"]
+    markdown = (teacher_run / "robustness_report.md").read_text()
+    assert "| teacher | none | pgd10 | whitebox |" in markdown
+    with Image.open(teacher_run / "adversarial_examples.png") as grid:
+        assert grid.size == (5 * 128, 8 * 128)
+
+
+def _load_teacher(teacher_run) -> TeacherClassifier:
+    return TeacherClassifier.load_from_checkpoint(teacher_run / "checkpoints" / "best.ckpt", map_location="cpu")
+
+
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_evaluation_works_whatever_the_inference_mode(teacher_run, tmp_path, inference_mode):
+    model = _load_teacher(teacher_run)
+    callback = AdversarialExampleCallback(attacks=EVAL_ATTACKS, val_max_batches=None)
+    trainer = _trainer(tmp_path, [callback], inference_mode=inference_mode)
+    datamodule = _datamodule(image_size=48, synthetic_samples=800)
+    tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    validated = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    assert tested["test/robust_acc/pgd5"] < tested["test/acc"] - 0.2
+    assert validated["val/robust_acc/pgd5"] < validated["val/acc"] - 0.2
+    expected = json.loads((tmp_path / "expected.json").read_text()) if (tmp_path / "expected.json").exists() else None
+    assert expected is None or expected == tested
+
+
+def test_inference_mode_does_not_change_the_numbers(teacher_run, tmp_path):
+    results = []
+    for inference_mode in (True, False):
+        trainer = _trainer(tmp_path, [AdversarialExampleCallback(attacks=EVAL_ATTACKS)], inference_mode=inference_mode)
+        results.append(trainer.test(_load_teacher(teacher_run), datamodule=_datamodule(synthetic_samples=800), verbose=False)[0])
+    assert results[0] == results[1]
+
+
+class GradientWatch(Callback):
+    """Records parameter gradients after each backward and checks them when the next batch starts.
+
+    The training attack runs between the two (in `on_after_batch_transfer`); if it leaked, the
+    accumulated gradients would differ by the time the next training step begins.
+    """
+
+    def __init__(self):
+        self.after_backward: list[torch.Tensor | None] | None = None
+        self.checked = 0
+        self.adversarial_batches = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.after_backward = [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        current = [p.grad for p in pl_module.parameters()]
+        if self.after_backward is not None and batch_idx % trainer.accumulate_grad_batches:
+            assert all(
+                (before is None and now is None) or torch.equal(before, now) for before, now in zip(self.after_backward, current)
+            ), "the attack changed parameter gradients inside an accumulation window"
+            self.checked += 1
+        elif batch_idx % trainer.accumulate_grad_batches == 0:
+            assert all(g is None or not g.any() for g in current)
+        self.adversarial_batches += 1
+
+
+def _tiny_teacher() -> TeacherClassifier:
+    return TeacherClassifier(num_classes=2, model_kwargs=TINY_VIT, image_size=48, class_names=["normal", "tuberculosis"])
+
+
+def test_attack_gradients_never_reach_parameter_gradients(tmp_path):
+    watch = GradientWatch()
+    callback = AdversarialExampleCallback(train_attack=AttackSpec(method="pgd", eps=EPS, steps=2), train_fraction=1.0)
+    trainer = _trainer(tmp_path, [callback, watch], max_epochs=1, limit_train_batches=6, limit_val_batches=0, accumulate_grad_batches=3)
+    trainer.fit(_tiny_teacher(), datamodule=_datamodule())
+    assert watch.checked == 4  # batches 2, 3, 5 and 6 start inside an accumulation window
+
+
+class BatchRecorder(Callback):
+    """Keeps the training batches as the training step receives them."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append({key: value.clone() if torch.is_tensor(value) else value for key, value in batch.items()})
+
+
+def test_adversarial_training_replaces_the_configured_fraction(tmp_path):
+    recorder = BatchRecorder()
+    callback = AdversarialExampleCallback(train_attack=AttackSpec(method="pgd", eps=EPS, steps=2), train_fraction=0.25)
+    trainer = _trainer(tmp_path, [callback, recorder], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    datamodule = _datamodule(augmentation={"probability": 0.0})
+    trainer.fit(_tiny_teacher(), datamodule=datamodule)
+    dataset = datamodule.datasets["train"]
+    for batch in recorder.batches:
+        clean = torch.stack([dataset[int(i)]["image"] for i in batch["index"]])
+        change = (batch["image"] - clean).flatten(1).abs().amax(dim=1)
+        assert torch.all(change[:4] > 0) and torch.all(change[:4] <= EPS + 1e-6)
+        assert torch.all(change[4:] == 0)
+        assert batch["image"].min() >= 0 and batch["image"].max() <= 1
+
+
+def test_trades_adds_adversarial_images_and_its_loss_term(tmp_path):
+    recorder = BatchRecorder()
+    callback = AdversarialExampleCallback(train_attack=AttackSpec(method="pgd", eps=EPS, steps=2), train_fraction=0.5, trades_beta=6.0)
+    trainer = _trainer(tmp_path, [callback, recorder], max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    model = _tiny_teacher()
+    trainer.fit(model, datamodule=_datamodule(augmentation={"probability": 0.0}))
+    batch = recorder.batches[0]
+    assert batch["trades_beta"] == 6.0 and batch["adversarial_image"].shape == (8, 1, 48, 48)
+    change = (batch["adversarial_image"] - batch["image"][:8]).flatten(1).abs().amax(dim=1)
+    assert torch.all(change > 0) and torch.all(change <= EPS + 1e-6)
+    model.eval()
+    plain = {key: batch[key] for key in ("image", "label")}
+    with torch.no_grad():
+        assert model.training_loss(batch)[0] > model.training_loss(plain)[0]
+
+
+def test_validation_attacks_follow_every_n_epochs_and_max_batches(tmp_path):
+    class CountAttacks(Callback):
+        def __init__(self):
+            self.logged = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self.logged.append("val/robust_acc/fgsm" in trainer.callback_metrics)
+
+    counter = CountAttacks()
+    callback = AdversarialExampleCallback(attacks=EVAL_ATTACKS[:1], val_every_n_epochs=2, val_max_batches=1)
+    trainer = _trainer(tmp_path, [callback, counter], max_epochs=4, limit_train_batches=1, limit_val_batches=2, num_sanity_val_steps=0)
+    trainer.fit(_tiny_teacher(), datamodule=_datamodule())
+    assert [bool(flag) for flag in counter.logged][1::2] == [True, True]
+    robust = callback._counts[("teacher", "fgsm")].compute()
+    assert int(robust["total"]) == 16  # one batch
+
+
+def _ddp_report(teacher_run, tmp_path, devices: int) -> list[dict]:
+    attacks = EVAL_ATTACKS + [AttackSpec(method="apgd_ce", eps=EPS, steps=5)]
+    trainer = _trainer(tmp_path / f"devices{devices}", [AdversarialExampleCallback(attacks=attacks)], devices=devices,
+                       strategy="ddp_spawn" if devices > 1 else "auto")
+    trainer.test(_load_teacher(teacher_run), datamodule=_datamodule(synthetic_samples=810, batch_size=16), verbose=False)
+    return json.loads((tmp_path / f"devices{devices}" / "robustness_report.json").read_text())
+
+
+def test_ddp_evaluation_counts_equal_single_process(teacher_run, tmp_path):
+    single = _ddp_report(teacher_run, tmp_path, devices=1)
+    double = _ddp_report(teacher_run, tmp_path, devices=2)
+    assert single[0]["n"] == 122  # odd-sized test split: no padding duplicates, no sample lost
+    assert [(row["attack"], row["n"], row["correct"]) for row in double] == [(row["attack"], row["n"], row["correct"]) for row in single]
+
+
+def test_adversarial_training_under_two_process_ddp(tmp_path):
+    config = shrink_config(CONFIGS / "teacher_adv.yaml", tmp_path)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "train.py", "--config", str(config), "--run_dir", str(run_dir), "--trainer.max_epochs", "1",
+               "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=600)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == (168 // 32) // 2  # each of 2 ranks trains on half of the 168 training images
+    assert len(json.loads((run_dir / "robustness_report.json").read_text())) == 4
