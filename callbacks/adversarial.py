@@ -1,9 +1,9 @@
 """The adversarial-example callback: attacks crafted on the fly for training and robust evaluation.
 
 How it plugs in:
-- Training: at `setup` the callback wraps the LightningModule's `on_after_batch_transfer`, which
-  runs on each rank's own batch after it reaches the device, outside the DDP forward and outside
-  autocast. There it replaces the first `train_fraction` of the batch by adversarial images
+- Training: at `setup` the callback wraps `on_after_batch_transfer` (the DataModule's or the
+  LightningModule's, whichever Lightning calls), which runs on each rank's own batch after it
+  reaches the device, outside the DDP forward and outside autocast. There it replaces the first `train_fraction` of the batch by adversarial images
   crafted against the module being trained (PGD-AT), or, with `trades_beta`, adds
   ``adversarial_image`` and ``trades_beta`` for the module's TRADES loss.
 - Evaluation: after each validation / test batch the callback attacks the module's
@@ -17,6 +17,7 @@ Attacks never write parameter `.grad` (see `robust_cxr.attacks.attacking`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from robust_cxr.attacks import AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
 from robust_cxr.metrics import RobustnessCounts
@@ -41,6 +43,9 @@ class AdversarialExampleCallback(Callback):
         train_attack: the attack for adversarial training (white-box against the module being
             trained); None trains on clean images only.
         train_fraction: share of each training batch replaced by adversarial images (0..1).
+        train_eps_warmup_epochs: ramp the training eps linearly from 0 to `train_attack.eps` over
+            this many epochs; from-scratch adversarial training at full eps can collapse to a
+            constant prediction.
         trades_beta: train with TRADES (CE on clean + beta * KL(clean || adversarial)) instead of
             PGD-AT; the training attack then ascends that KL.
         val_every_n_epochs, val_max_batches: strong attacks are expensive, so validation attacks
@@ -55,6 +60,7 @@ class AdversarialExampleCallback(Callback):
         attacks: list[AttackSpec] | None = None,
         train_attack: AttackSpec | None = None,
         train_fraction: float = 0.5,
+        train_eps_warmup_epochs: float = 0.0,
         trades_beta: float | None = None,
         val_every_n_epochs: int = 1,
         val_max_batches: int | None = 2,
@@ -74,6 +80,7 @@ class AdversarialExampleCallback(Callback):
         self.attacks = list(attacks or [])
         self.train_attack = train_attack
         self.train_fraction = train_fraction
+        self.train_eps_warmup_epochs = train_eps_warmup_epochs
         self.trades_beta = trades_beta
         self.val_every_n_epochs = val_every_n_epochs
         self.val_max_batches = val_max_batches
@@ -83,12 +90,14 @@ class AdversarialExampleCallback(Callback):
         self._counts: dict[tuple[str, str], RobustnessCounts] = {}
         self._subjects: list[DefendedModel] = []
         self._grid: dict[str, torch.Tensor] | None = None
+        self._hook_owner: L.LightningModule | L.LightningDataModule | None = None
 
     # ----------------------------------------------------------------- training
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.train_attack is None or stage != TrainerFn.FITTING.value:
             return
-        original = pl_module.on_after_batch_transfer
+        owner = _batch_hook_owner(trainer, pl_module)
+        original = owner.on_after_batch_transfer
 
         def on_after_batch_transfer(batch, dataloader_idx):
             batch = original(batch, dataloader_idx)
@@ -96,14 +105,18 @@ class AdversarialExampleCallback(Callback):
                 batch = self._adversarial_training_batch(trainer, pl_module, batch)
             return batch
 
-        pl_module.on_after_batch_transfer = on_after_batch_transfer
+        owner.on_after_batch_transfer = on_after_batch_transfer
+        self._hook_owner = owner
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.__dict__.pop("on_after_batch_transfer", None)
+        if self._hook_owner is not None:
+            self._hook_owner.__dict__.pop("on_after_batch_transfer", None)
+            self._hook_owner = None
 
     def _adversarial_training_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> dict:
         count = round(self.train_fraction * len(batch["label"]))
-        if count == 0:
+        spec = self._scheduled_train_attack(trainer)
+        if count == 0 or spec is None:
             return batch
         images, labels = batch["image"][:count], batch["label"][:count]
         source = pl_module.adversarial_training_source()
@@ -114,14 +127,20 @@ class AdversarialExampleCallback(Callback):
             autocast_dtype=_attack_dtype(trainer),
         )
         if self.trades_beta is None:
-            adversarial = craft_adversarial(self.train_attack, source, images, labels, **common)
+            adversarial = craft_adversarial(spec, source, images, labels, **common)
             return {**batch, "image": torch.cat([adversarial, batch["image"][count:]])}
         with attacking(source):
             clean_probabilities = source(images).softmax(dim=1).detach()
-        adversarial = craft_adversarial(
-            self.train_attack, source, images, clean_probabilities, loss_fn=trades_kl_loss, **common
-        )
+        adversarial = craft_adversarial(spec, source, images, clean_probabilities, loss_fn=trades_kl_loss, **common)
         return {**batch, "adversarial_image": adversarial, "trades_beta": self.trades_beta}
+
+    def _scheduled_train_attack(self, trainer: L.Trainer) -> AttackSpec | None:
+        """The training attack at this step's point of the eps warmup; None while its eps is still 0."""
+        if self.train_eps_warmup_epochs <= 0:
+            return self.train_attack
+        epochs_done = trainer.global_step * trainer.accumulate_grad_batches / max(1, trainer.num_training_batches)
+        scale = min(1.0, epochs_done / self.train_eps_warmup_epochs)
+        return replace(self.train_attack, eps=self.train_attack.eps * scale) if scale > 0 else None
 
     # --------------------------------------------------------------- evaluation
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -223,6 +242,15 @@ class AdversarialExampleCallback(Callback):
                 )
             )
         return rows
+
+
+def _batch_hook_owner(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule | L.LightningDataModule:
+    """Whose `on_after_batch_transfer` Lightning calls: the DataModule's when it defines one or the model does not."""
+    datamodule = trainer.datamodule
+    hook = "on_after_batch_transfer"
+    if datamodule is not None and (is_overridden(hook, datamodule) or not is_overridden(hook, pl_module)):
+        return datamodule
+    return pl_module
 
 
 def _attack_dtype(trainer: L.Trainer) -> torch.dtype | None:

@@ -127,7 +127,7 @@ def _lesions(gen, x, y, geometry, texture):
         upper, lower = _uniform(gen, n, -0.8, -0.15), _uniform(gen, n, -0.15, 0.55)
         px = cx + ax * _uniform(gen, n, -0.6, 0.6)
         py = cy + ay * (upper_zone * upper + (1 - upper_zone) * lower)
-        radius = _uniform(gen, n, 0.06, 0.12)
+        radius = _uniform(gen, n, 0.1, 0.2)
         kind = torch.randint(0, 3, (n, 1, 1), generator=gen)
         cavity, infiltrate = (kind == 1).float(), (kind == 2).float()
         # Every kind is a soft blob; a cavity punches a lucent hole in it, and an

@@ -12,8 +12,10 @@ class TeacherClassifier(ImageClassifierModule):
     """A timm model by name, normalization inside, trained with cross-entropy (optionally adversarially).
 
     Args:
-        model_name: any `timm.create_model` name, e.g. ``vit_tiny_patch16_224``.
-        model_kwargs: extra timm arguments (``patch_size``, ``depth``, ``drop_path_rate`` ...).
+        model_name: any `timm.create_model` name; the default, ``vit_tiny_r_s16_p8_224``, is ViT-Tiny
+            behind a ResNet stem (the hybrid ViT of Dosovitskiy et al.), which learns from a few
+            thousand images where a plain ViT needs far more.
+        model_kwargs: extra timm arguments (``depth``, ``embed_dim``, ``drop_path_rate`` ...).
         pretrained_weights: local timm weights file, or None to train from scratch.
         in_chans, image_size: input channels and side, linked from the DataModule by the CLI.
         Other arguments: see `ImageClassifierModule`.
@@ -24,7 +26,7 @@ class TeacherClassifier(ImageClassifierModule):
     def __init__(
         self,
         num_classes: int,
-        model_name: str = "vit_tiny_patch16_224",
+        model_name: str = "vit_tiny_r_s16_p8_224",
         model_kwargs: dict[str, Any] | None = None,
         pretrained_weights: str | None = None,
         in_chans: int = 1,

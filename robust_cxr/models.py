@@ -59,6 +59,12 @@ def create_timm_classifier(
         if "img_size" not in str(error):
             raise
         backbone = timm.create_model(model_name, **kwargs)
+    except AssertionError as error:  # timm asserts that patches tile the image
+        raise ValueError(
+            f"{model_name} with {model_kwargs} cannot take {image_size}x{image_size} images: the image side must be a "
+            "multiple of its patch grid stride (32 for vit_tiny_r_s16_p8_224, i.e. its stride-4 stem times patch_size 8). "
+            "Change --data.image_size or the model's patch_size."
+        ) from error
     mean, std = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
     if len(mean) != in_chans:  # grayscale input to an RGB-normalized model: average the channel statistics
         mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans

@@ -36,7 +36,7 @@ def trained():
     images, labels = generate_phantoms(864, 48, seed=11)
     model = small_cnn()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(5):
+    for _ in range(8):
         for batch in torch.randperm(800).view(-1, 50):
             loss = F.cross_entropy(model(images[batch]), labels[batch])
             optimizer.zero_grad()

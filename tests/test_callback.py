@@ -14,7 +14,7 @@ from PIL import Image
 
 from callbacks import AdversarialExampleCallback
 from conftest import CONFIGS, REPO, TINY_VIT, shrink_config
-from datamodules import ChestXRayDataModule
+from datamodules import Augmentation, ChestXRayDataModule
 from lightning_modules import TeacherClassifier
 from robust_cxr.attacks import AttackSpec
 
@@ -23,7 +23,7 @@ EVAL_ATTACKS = [AttackSpec(method="fgsm", eps=EPS), AttackSpec(method="pgd", eps
 
 
 def _datamodule(**overrides) -> ChestXRayDataModule:
-    settings = dict(image_size=48, synthetic_samples=240, batch_size=16, num_workers=0, seed=0)
+    settings = dict(image_size=64, synthetic_samples=240, batch_size=16, num_workers=0, seed=0)
     return ChestXRayDataModule(**{**settings, **overrides})
 
 
@@ -39,16 +39,17 @@ def _report(run_dir) -> dict[str, dict]:
 
 def test_test_report_of_a_trained_teacher(teacher_run):
     rows = _report(teacher_run)
-    assert set(rows) == {"none", "fgsm", "pgd10", "apgd_ce"}
+    assert set(rows) == {"none", "fgsm", "pgd10", "apgd_ce", "pgd10_eps0.01"}
     clean = rows["none"]["accuracy"]
     assert clean > 0.75
-    for name in ("fgsm", "pgd10", "apgd_ce"):
+    for name in ("fgsm", "pgd10", "apgd_ce", "pgd10_eps0.01"):
         row = rows[name]
         assert {"model", "defense", "attack", "threat_model", "norm", "eps", "accuracy", "n"} <= set(row)
         assert (row["model"], row["defense"], row["threat_model"], row["norm"]) == ("teacher", "none", "whitebox", "linf")
-        assert row["n"] == rows["none"]["n"] == 120
-        assert row["accuracy"] < clean - 0.2, row
-        assert row["perturbation"] <= EPS + 1e-6
+        assert row["n"] == rows["none"]["n"] == 180
+        assert row["accuracy"] < clean - 0.1, row
+        assert row["perturbation"] <= row["eps"] + 1e-6
+    assert rows["pgd10_eps0.01"]["accuracy"] >= rows["pgd10"]["accuracy"]
     assert rows["fgsm"]["accuracy"] > rows["pgd10"]["accuracy"] >= rows["apgd_ce"]["accuracy"]
     markdown = (teacher_run / "robustness_report.md").read_text()
     assert "| teacher | none | pgd10 | whitebox |" in markdown
@@ -65,13 +66,11 @@ def test_evaluation_works_whatever_the_inference_mode(teacher_run, tmp_path, inf
     model = _load_teacher(teacher_run)
     callback = AdversarialExampleCallback(attacks=EVAL_ATTACKS, val_max_batches=None)
     trainer = _trainer(tmp_path, [callback], inference_mode=inference_mode)
-    datamodule = _datamodule(image_size=48, synthetic_samples=800)
+    datamodule = _datamodule(synthetic_samples=800)
     tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     assert tested["test/robust_acc/pgd5"] < tested["test/acc"] - 0.2
     assert validated["val/robust_acc/pgd5"] < validated["val/acc"] - 0.2
-    expected = json.loads((tmp_path / "expected.json").read_text()) if (tmp_path / "expected.json").exists() else None
-    assert expected is None or expected == tested
 
 
 def test_inference_mode_does_not_change_the_numbers(teacher_run, tmp_path):
@@ -85,32 +84,29 @@ def test_inference_mode_does_not_change_the_numbers(teacher_run, tmp_path):
 class GradientWatch(Callback):
     """Records parameter gradients after each backward and checks them when the next batch starts.
 
-    The training attack runs between the two (in `on_after_batch_transfer`); if it leaked, the
-    accumulated gradients would differ by the time the next training step begins.
+    The training attack runs between the two (in `on_after_batch_transfer`). Lightning zeroes
+    gradients only inside the next window's first training step, so nothing may change them in
+    between; a leaking attack would, and inside an accumulation window its gradients would be
+    added to the update.
     """
 
     def __init__(self):
         self.after_backward: list[torch.Tensor | None] | None = None
         self.checked = 0
-        self.adversarial_batches = 0
 
     def on_after_backward(self, trainer, pl_module):
         self.after_backward = [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        current = [p.grad for p in pl_module.parameters()]
-        if self.after_backward is not None and batch_idx % trainer.accumulate_grad_batches:
-            assert all(
-                (before is None and now is None) or torch.equal(before, now) for before, now in zip(self.after_backward, current)
-            ), "the attack changed parameter gradients inside an accumulation window"
-            self.checked += 1
-        elif batch_idx % trainer.accumulate_grad_batches == 0:
-            assert all(g is None or not g.any() for g in current)
-        self.adversarial_batches += 1
+        if self.after_backward is None:
+            return
+        for before, parameter in zip(self.after_backward, pl_module.parameters()):
+            assert (before is None and parameter.grad is None) or torch.equal(before, parameter.grad), "the attack changed parameter gradients"
+        self.checked += 1
 
 
 def _tiny_teacher() -> TeacherClassifier:
-    return TeacherClassifier(num_classes=2, model_kwargs=TINY_VIT, image_size=48, class_names=["normal", "tuberculosis"])
+    return TeacherClassifier(num_classes=2, model_kwargs=TINY_VIT, image_size=64, class_names=["normal", "tuberculosis"])
 
 
 def test_attack_gradients_never_reach_parameter_gradients(tmp_path):
@@ -118,7 +114,7 @@ def test_attack_gradients_never_reach_parameter_gradients(tmp_path):
     callback = AdversarialExampleCallback(train_attack=AttackSpec(method="pgd", eps=EPS, steps=2), train_fraction=1.0)
     trainer = _trainer(tmp_path, [callback, watch], max_epochs=1, limit_train_batches=6, limit_val_batches=0, accumulate_grad_batches=3)
     trainer.fit(_tiny_teacher(), datamodule=_datamodule())
-    assert watch.checked == 4  # batches 2, 3, 5 and 6 start inside an accumulation window
+    assert watch.checked == 5  # every batch after the first, inside and across accumulation windows
 
 
 class BatchRecorder(Callback):
@@ -135,7 +131,7 @@ def test_adversarial_training_replaces_the_configured_fraction(tmp_path):
     recorder = BatchRecorder()
     callback = AdversarialExampleCallback(train_attack=AttackSpec(method="pgd", eps=EPS, steps=2), train_fraction=0.25)
     trainer = _trainer(tmp_path, [callback, recorder], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
-    datamodule = _datamodule(augmentation={"probability": 0.0})
+    datamodule = _datamodule(augmentation=Augmentation(probability=0.0))
     trainer.fit(_tiny_teacher(), datamodule=datamodule)
     dataset = datamodule.datasets["train"]
     for batch in recorder.batches:
@@ -146,14 +142,46 @@ def test_adversarial_training_replaces_the_configured_fraction(tmp_path):
         assert batch["image"].min() >= 0 and batch["image"].max() <= 1
 
 
+def test_training_eps_warms_up_linearly(tmp_path):
+    recorder = BatchRecorder()
+    callback = AdversarialExampleCallback(train_attack=AttackSpec(method="fgsm", eps=EPS), train_fraction=1.0, train_eps_warmup_epochs=1)
+    trainer = _trainer(tmp_path, [callback, recorder], max_epochs=2, limit_train_batches=4, limit_val_batches=0)
+    datamodule = _datamodule(augmentation=Augmentation(probability=0.0))
+    trainer.fit(_tiny_teacher(), datamodule=datamodule)
+    largest = []
+    for batch in recorder.batches:
+        clean = torch.stack([datamodule.datasets["train"][int(i)]["image"] for i in batch["index"]])
+        largest.append((batch["image"] - clean).abs().max().item())
+    torch.testing.assert_close(torch.tensor(largest), EPS * torch.tensor([0, 0.25, 0.5, 0.75, 1, 1, 1, 1]), atol=1e-6, rtol=0)
+
+
+class TaggingDataModule(ChestXRayDataModule):
+    """A DataModule with its own `on_after_batch_transfer`, which Lightning then calls instead of the model's."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return {**batch, "tagged": True}
+
+
+def test_adversarial_training_wraps_the_hook_lightning_calls(tmp_path):
+    recorder = BatchRecorder()
+    callback = AdversarialExampleCallback(train_attack=AttackSpec(method="fgsm", eps=EPS), train_fraction=1.0)
+    trainer = _trainer(tmp_path, [callback, recorder], max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    datamodule = TaggingDataModule(image_size=64, synthetic_samples=240, batch_size=16, augmentation=Augmentation(probability=0.0))
+    trainer.fit(_tiny_teacher(), datamodule=datamodule)
+    batch = recorder.batches[0]
+    clean = torch.stack([datamodule.datasets["train"][int(i)]["image"] for i in batch["index"]])
+    assert batch["tagged"] and torch.all((batch["image"] - clean).flatten(1).abs().amax(dim=1) > 0)
+    assert "on_after_batch_transfer" not in datamodule.__dict__  # unwrapped at teardown
+
+
 def test_trades_adds_adversarial_images_and_its_loss_term(tmp_path):
     recorder = BatchRecorder()
     callback = AdversarialExampleCallback(train_attack=AttackSpec(method="pgd", eps=EPS, steps=2), train_fraction=0.5, trades_beta=6.0)
     trainer = _trainer(tmp_path, [callback, recorder], max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     model = _tiny_teacher()
-    trainer.fit(model, datamodule=_datamodule(augmentation={"probability": 0.0}))
+    trainer.fit(model, datamodule=_datamodule(augmentation=Augmentation(probability=0.0)))
     batch = recorder.batches[0]
-    assert batch["trades_beta"] == 6.0 and batch["adversarial_image"].shape == (8, 1, 48, 48)
+    assert batch["trades_beta"] == 6.0 and batch["adversarial_image"].shape == (8, 1, 64, 64)
     change = (batch["adversarial_image"] - batch["image"][:8]).flatten(1).abs().amax(dim=1)
     assert torch.all(change > 0) and torch.all(change <= EPS + 1e-6)
     model.eval()
@@ -201,5 +229,5 @@ def test_adversarial_training_under_two_process_ddp(tmp_path):
                "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=600)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint["global_step"] == (168 // 32) // 2  # each of 2 ranks trains on half of the 168 training images
-    assert len(json.loads((run_dir / "robustness_report.json").read_text())) == 4
+    assert checkpoint["global_step"] == (168 // 2) // 32  # each of 2 ranks trains on half of the 168 training images
+    assert len(json.loads((run_dir / "robustness_report.json").read_text())) == 5  # clean + 4 attacks

@@ -35,7 +35,7 @@ def test_run_directory_holds_checkpoints_config_metrics_and_report(teacher_run):
     assert metrics["test/acc"] > 0.75, metrics
     assert {"test/auroc", "test/sensitivity", "test/specificity", "test/f1"} <= set(metrics)
     last = torch.load(teacher_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["global_step"] == 6 * (560 // 32)  # 6 epochs of the 70 % training split, full batches only
+    assert last["global_step"] == 10 * (840 // 32)  # 10 epochs of the 70 % training split, full batches only
 
 
 def test_help_lists_every_option():
@@ -50,6 +50,12 @@ def test_resume_never_starts_a_fresh_run_directory(tmp_path):
     run_train(config, tmp_path / "run", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
     run_train(config, tmp_path / "run", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--resume", "never")
     assert (tmp_path / "run-1" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_image_size_the_model_cannot_tile_is_a_clear_error(tmp_path):
+    config = shrink_config(CONFIGS / "teacher.yaml", tmp_path, image_size=48)
+    with pytest.raises(ValueError, match="--data.image_size"):
+        run_train(config, tmp_path / "run")
 
 
 def test_missing_resume_checkpoint_is_an_error(tmp_path):

@@ -1,0 +1,220 @@
+"""Diffusion purification (DiffPure-style) and the purify-then-classify defence, as plain `nn.Module`s.
+
+Images enter and leave in [0, 1]; the diffusion runs in [-1, 1] in between (GUIDE section 2). A purifier
+diffuses its input to a small timestep t* in closed form, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise,
+and runs the reverse process back to the clean image. Timestep t indexes the scheduler's `alphas_cumprod`
+(the noise level the UNet was trained on at t); timestep 0 stands for the clean image (abar = 1), so the
+UNet is called at timesteps t* down to 1 and the last step lands on its x_0 estimate without noise.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+PurificationMethod = Literal["ddpm", "ddim", "blur"]
+Aggregate = Literal["logits", "vote"]
+
+
+class DiffusionPurifier(nn.Module):
+    """images (B, C, H, W) in [0, 1] -> purified images (B, C, H, W) in [0, 1].
+
+    Args:
+        unet: epsilon-predicting denoiser, ``unet(x_t, timesteps).sample`` with timesteps (B,).
+        scheduler: supplies ``alphas_cumprod`` of the noise schedule the UNet was trained with.
+        t_star: diffusion timestep, in [0, num_train_timesteps - 1]; 0 makes ddpm and ddim return the input
+            unchanged (blur ignores it).
+        method: ``ddpm`` ancestral sampling over every timestep t*, ..., 1 (Ho et al. 2020; DiffPure's
+            reference); ``ddim`` with `steps` evenly spaced integer timesteps (Song et al. 2021);
+            ``blur`` a Gaussian blur of std `blur_sigma` pixels and nothing else: no network, no learned
+            restorer, only the "blurred" degradation of the Defensive Diffusion report as a cheap baseline.
+        steps: DDIM steps, in [1, t_star].
+        eta: DDIM noise scale in [0, 1]: 0 is deterministic, 1 adds DDPM's posterior noise.
+        blur_sigma: std of the blur in pixels, > 0 (``blur`` only).
+        differentiable: let gradients flow from output to input through every reverse step (white-box
+            attacks, EOT), checkpointing each step so activations stay about one step's worth. Otherwise
+            the purifier runs under `torch.no_grad()` and returns a detached tensor.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: DDPMScheduler,
+        t_star: int = 100,
+        method: PurificationMethod = "ddim",
+        steps: int = 10,
+        eta: float = 0.0,
+        blur_sigma: float = 1.0,
+        differentiable: bool = False,
+    ):
+        super().__init__()
+        num_timesteps = len(scheduler.alphas_cumprod)
+        if method not in get_args(PurificationMethod):
+            raise ValueError(f"method must be one of {get_args(PurificationMethod)}, got {method!r}.")
+        if not 0 <= t_star < num_timesteps:
+            raise ValueError(f"t_star must be in [0, {num_timesteps - 1}] ({num_timesteps} scheduler timesteps), got {t_star}.")
+        if method == "ddim" and (steps < 1 or steps > t_star > 0):
+            raise ValueError(f"steps must be in [1, t_star={t_star}] for ddim, got {steps}.")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}.")
+        if blur_sigma <= 0:
+            raise ValueError(f"blur_sigma must be > 0 pixels, got {blur_sigma}.")
+        self.unet = unet
+        self.scheduler = scheduler
+        self.t_star = t_star
+        self.method = method
+        self.steps = steps
+        self.eta = eta
+        self.blur_sigma = blur_sigma
+        self.differentiable = differentiable
+        self._alphas_cumprod = scheduler.alphas_cumprod.double().tolist()
+
+    @property
+    def label(self) -> str:
+        """Report row name, e.g. ``ddim-10@t100``, ``ddim-10-eta1.0@t100``, ``ddpm@t100``, ``blur-s1.0``."""
+        if self.method == "blur":
+            return f"blur-s{self.blur_sigma}"
+        if self.method == "ddpm":
+            return f"ddpm@t{self.t_star}"
+        noise = f"-eta{self.eta}" if self.eta > 0 else ""
+        return f"ddim-{self.steps}{noise}@t{self.t_star}"
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Purifies (B, C, H, W) images in [0, 1]; `generator` (on the images' device) draws all the noise."""
+        with nullcontext() if self.differentiable else torch.no_grad():
+            purified = self._purify(images, generator)
+        return purified if self.differentiable else purified.detach()
+
+    def _purify(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.method == "blur":
+            return _gaussian_blur(images, self.blur_sigma).clamp(0, 1)
+        if self.t_star == 0:
+            return images
+        abar = self._alpha_bar(self.t_star)
+        x = math.sqrt(abar) * (2 * images - 1) + math.sqrt(1 - abar) * _noise_like(images, generator)
+        step = self._ddpm_step if self.method == "ddpm" else self._ddim_step
+        timesteps = self._timesteps()
+        for t, t_prev in zip(timesteps[:-1], timesteps[1:]):
+            # Drawn outside the checkpoint so that its recomputation sees the same noise.
+            noise = _noise_like(x, generator)
+            if self.differentiable:
+                x = checkpoint(step, x, t, t_prev, noise, use_reentrant=False)
+            else:
+                x = step(x, t, t_prev, noise)
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def _timesteps(self) -> list[int]:
+        """Descending integer timesteps from t* to 0: every one for DDPM, `steps` + 1 evenly spaced for DDIM."""
+        if self.method == "ddpm":
+            return list(range(self.t_star, -1, -1))
+        return [self.t_star * i // self.steps for i in range(self.steps, -1, -1)]
+
+    def _alpha_bar(self, t: int) -> float:
+        return 1.0 if t == 0 else self._alphas_cumprod[t]
+
+    def _predict_clean(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The UNet's x_0 estimate from x_t (B, C, H, W) in [-1, 1]-space, clipped to [-1, 1]."""
+        parameter = next(self.unet.parameters())
+        timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=parameter.device)
+        epsilon = self.unet(x.to(parameter.device, parameter.dtype), timesteps).sample.to(x)
+        abar = self._alpha_bar(t)
+        return ((x - math.sqrt(1 - abar) * epsilon) / math.sqrt(abar)).clamp(-1, 1)
+
+    def _ddpm_step(self, x: torch.Tensor, t: int, t_prev: int, noise: torch.Tensor) -> torch.Tensor:
+        """A draw of x_{t-1} from the DDPM posterior q(x_{t-1} | x_t, x_0 estimate)."""
+        abar, abar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        # beta_t = 1 - abar_t / abar_{t-1} equals the scheduler's betas[t] for t >= 2; at t = 1 it lands on the
+        # clean image, where the posterior variance is 0 and the mean is the x_0 estimate itself.
+        beta = 1 - abar / abar_prev
+        clean = self._predict_clean(x, t)
+        mean = (math.sqrt(abar_prev) * beta * clean + math.sqrt(1 - beta) * (1 - abar_prev) * x) / (1 - abar)
+        return mean + math.sqrt(beta * (1 - abar_prev) / (1 - abar)) * noise
+
+    def _ddim_step(self, x: torch.Tensor, t: int, t_prev: int, noise: torch.Tensor) -> torch.Tensor:
+        """The DDIM update from x_t to x_{t_prev} with noise scale `eta`."""
+        abar, abar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        clean = self._predict_clean(x, t)
+        # Epsilon re-derived from the clipped x_0 keeps the update consistent; with eta = 1 it is then DDPM's posterior.
+        epsilon = (x - math.sqrt(abar) * clean) / math.sqrt(1 - abar)
+        sigma = self.eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        return math.sqrt(abar_prev) * clean + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * epsilon + sigma * noise
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **settings) -> "DiffusionPurifier":
+        """Loads a folder written by `save_pretrained` (UNet in `unet/`, scheduler in `scheduler/`), with plain diffusers.
+
+        `settings` are the other constructor arguments (t_star, method, steps, ...).
+        """
+        directory = Path(directory)
+        for part in ("unet", "scheduler"):
+            if not (directory / part).is_dir():
+                raise FileNotFoundError(
+                    f"{directory / part} is missing: a purifier folder holds unet/ and scheduler/ as written by "
+                    "DiffusionPurifier.save_pretrained (or by diffusers' save_pretrained of a UNet2DModel and a DDPMScheduler)."
+                )
+        unet = UNet2DModel.from_pretrained(directory / "unet")
+        scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
+        return cls(unet.eval(), scheduler, **settings)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Writes the UNet to `directory/unet` and the scheduler to `directory/scheduler` (diffusers format)."""
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet")
+        self.scheduler.save_pretrained(directory / "scheduler")
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of std `sigma` pixels with reflect padding: (B, C, H, W) -> (B, C, H, W)."""
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+class PurifiedClassifier(nn.Module):
+    """The defended model, purifier then classifier: images (B, C, H, W) in [0, 1] -> logits (B, K).
+
+    The `n_repeats` purifications of each image run as one batch of B * n_repeats. ``aggregate="logits"``
+    returns the mean of their logits. ``aggregate="vote"`` returns each class's share of the votes (argmax
+    of each repeat's logits), in [0, 1] and summing to 1 per image: not logits, but their argmax is the
+    majority class (ties go to the lowest class index) and their order ranks classes by votes, so accuracy
+    and AUROC read them like logits. A vote has no gradient; to keep it from masking white-box attacks, the
+    backward pass is that of the mean softmax probabilities (straight-through), the forward value is
+    exactly the vote shares.
+    """
+
+    def __init__(self, purifier: nn.Module, classifier: nn.Module, n_repeats: int = 1, aggregate: Aggregate = "logits"):
+        super().__init__()
+        if n_repeats < 1:
+            raise ValueError(f"n_repeats must be >= 1, got {n_repeats}.")
+        if aggregate not in get_args(Aggregate):
+            raise ValueError(f"aggregate must be one of {get_args(Aggregate)}, got {aggregate!r}.")
+        self.purifier = purifier
+        self.classifier = classifier
+        self.n_repeats = n_repeats
+        self.aggregate = aggregate
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.purifier(images.repeat(self.n_repeats, 1, 1, 1)))
+        logits = logits.view(self.n_repeats, images.shape[0], -1)
+        if self.aggregate == "logits":
+            return logits.mean(dim=0)
+        shares = F.one_hot(logits.argmax(dim=2), logits.shape[2]).to(logits.dtype).mean(dim=0)
+        probabilities = logits.softmax(dim=2).mean(dim=0)
+        return shares + (probabilities - probabilities.detach())
