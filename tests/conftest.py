@@ -25,6 +25,15 @@ TINY_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2}  # for the default hybr
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of tiny tensors: a second costs more than it saves, far more on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shrink_config(config: str | Path, directory: Path, max_steps: int = 2, keep_model: bool = False, **data: object) -> Path:
     """A copy of a real config made tiny: small ViT, small synthetic data, attacks capped at `max_steps`.
 

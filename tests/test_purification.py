@@ -23,13 +23,7 @@ def tiny_unet() -> UNet2DModel:
     ).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: a second thread costs more than it saves, and far more on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny UNets
 
 
 @pytest.fixture(scope="module")

@@ -43,13 +43,7 @@ def _logistic_regression_accuracy(features, labels, train_fraction=0.7, steps=50
     return (predictions == labels[split:]).float().mean().item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Generation is many small element-wise ops: intra-op threads add little and stall badly on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # many small element-wise ops
 
 
 @pytest.fixture(scope="module")
