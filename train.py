@@ -39,9 +39,14 @@ class RobustCXRCLI(LightningCLI):
             default="auto",
             help="auto: resume from <run_dir>/checkpoints/last.ckpt if it exists; never: start a fresh run directory; or a checkpoint path.",
         )
+        # Two checkpoints: the best by a metric, and the latest state to resume from. (ModelCheckpoint's
+        # own save_last only refreshes last.ckpt when a new best is saved, so it would go stale.)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.filename": "best", "checkpoint.monitor": "val/acc", "checkpoint.mode": "max"})
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
-            {"checkpoint.filename": "best", "checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True}
+            {"last_checkpoint.filename": "last", "last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1,
+             "last_checkpoint.enable_version_counter": False}
         )
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
@@ -53,7 +58,7 @@ class RobustCXRCLI(LightningCLI):
         run_dir = resolve_run_dir(Path(config.run_dir), config.resume)
         config.run_dir = str(run_dir)
         config.trainer.default_root_dir = str(run_dir)
-        config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        config.checkpoint.dirpath = config.last_checkpoint.dirpath = str(run_dir / "checkpoints")
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
         for logger in loggers:
             if hasattr(logger, "init_args") and "save_dir" in logger.init_args:
