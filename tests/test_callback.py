@@ -50,7 +50,8 @@ def test_test_report_of_a_trained_teacher(teacher_run):
         assert row["accuracy"] < clean - 0.1, row
         assert row["perturbation"] <= row["eps"] + 1e-6
     assert rows["pgd10_eps0.01"]["accuracy"] >= rows["pgd10"]["accuracy"]
-    assert rows["fgsm"]["accuracy"] > rows["pgd10"]["accuracy"] >= rows["apgd_ce"]["accuracy"]
+    # APGD-20 is the stronger attack in expectation, not on every image: one image of slack.
+    assert rows["fgsm"]["accuracy"] > rows["pgd10"]["accuracy"] >= rows["apgd_ce"]["accuracy"] - 1 / 180
     markdown = (teacher_run / "robustness_report.md").read_text()
     assert "| teacher | none | pgd10 | whitebox |" in markdown
     with Image.open(teacher_run / "adversarial_examples.png") as grid:
