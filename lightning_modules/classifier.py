@@ -29,7 +29,10 @@ class ImageClassifierModule(L.LightningModule):
     callback may add ``adversarial_image`` (B', C, H, W) and ``trades_beta`` for TRADES, which
     pairs each adversarial image with the first B' clean ones.
 
+    Subclasses build `self.model` and call `save_hyperparameters()`.
+
     Args:
+        num_classes, class_names: the classes in label order, linked from the DataModule by the CLI.
         lr, weight_decay: AdamW settings (no decay on norms, biases, position embeddings).
         warmup_epochs: linear warmup length (fractions allowed), then cosine decay per step.
         label_smoothing: cross-entropy label smoothing.
