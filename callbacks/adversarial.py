@@ -3,9 +3,10 @@
 How it plugs in:
 - Training: at `setup` the callback wraps `on_after_batch_transfer` (the DataModule's or the
   LightningModule's, whichever Lightning calls), which runs on each rank's own batch after it
-  reaches the device, outside the DDP forward and outside autocast. There it replaces the first `train_fraction` of the batch by adversarial images
-  crafted against the module being trained (PGD-AT), or, with `trades_beta`, adds
-  ``adversarial_image`` and ``trades_beta`` for the module's TRADES loss.
+  reaches the device, outside the DDP forward and outside autocast. There it replaces the first
+  `train_fraction` of the batch by adversarial images crafted against the module being trained
+  (PGD-AT), or, with `trades_beta`, adds ``adversarial_image`` and ``trades_beta`` for the
+  module's TRADES loss.
 - Evaluation: after each validation / test batch the callback attacks the module's
   `robustness_subjects()` on that rank's batch (under `enable_grad` and outside inference mode),
   accumulates `RobustnessCounts` metrics synced over ranks, logs
