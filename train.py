@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
+from callbacks import AdversarialExampleCallback  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
 
 RUN_DIR_ENV = "ROBUST_CXR_RUN_DIR"  # the resolved run directory, inherited by DDP worker processes
@@ -48,6 +49,9 @@ class RobustCXRCLI(LightningCLI):
             {"last_checkpoint.filename": "last", "last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 1,
              "last_checkpoint.enable_version_counter": False}
         )
+        # The attack callback as a top-level section, so that every attack setting is a plain override
+        # (--adversarial.train_attack.eps=0.02) for sweeps.
+        parser.add_lightning_class_args(AdversarialExampleCallback, "adversarial")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.in_chans")

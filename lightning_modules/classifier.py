@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -55,6 +57,23 @@ class ImageClassifierModule(L.LightningModule):
         self.val_metrics = classification_metrics(num_classes).clone(prefix="val/")
         self.test_metrics = classification_metrics(num_classes).clone(prefix="test/")
         self.model: nn.Module
+        self._frozen_names: list[str] = []
+
+    def register_frozen(self, name: str, module: nn.Module) -> None:
+        """Makes `module` available as ``self.<name>``: frozen, always in eval mode, and kept out of the
+        state dict, the optimizer and DDP (it is not a registered submodule), but moved with this module."""
+        module.eval().requires_grad_(False)
+        self.__dict__[name] = module
+        self._frozen_names.append(name)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for name in self._frozen_names:
+            getattr(self, name)._apply(fn, *args, **kwargs)
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -109,3 +128,20 @@ class ImageClassifierModule(L.LightningModule):
         warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def load_classifier_module(checkpoint_path: str | Path, made_by: str) -> ImageClassifierModule:
+    """The stage module saved in `checkpoint_path` (any `ImageClassifierModule`), on the CPU, frozen, in eval mode.
+
+    `made_by` is the command that writes such a checkpoint, quoted in the error when the file is missing.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist. Make it with `{made_by}`, or pass the path of another checkpoint.")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "module_class" not in checkpoint:
+        raise ValueError(f"{path} was not written by a robust-cxr classifier stage (it has no 'module_class' entry).")
+    module_path, class_name = checkpoint["module_class"].rsplit(".", 1)
+    module_class = getattr(importlib.import_module(module_path), class_name)
+    module = module_class.load_from_checkpoint(path, map_location="cpu")
+    return module.eval().requires_grad_(False)

@@ -24,7 +24,7 @@ PurificationMethod = Literal["ddpm", "ddim", "blur"]
 Aggregate = Literal["logits", "vote"]
 
 
-class DiffusionPurifier(nn.Module):
+class Purifier(nn.Module):
     """images (B, C, H, W) in [0, 1] -> purified images (B, C, H, W) in [0, 1].
 
     Args:
@@ -148,7 +148,7 @@ class DiffusionPurifier(nn.Module):
         return math.sqrt(abar_prev) * clean + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * epsilon + sigma * noise
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **settings) -> "DiffusionPurifier":
+    def from_pretrained(cls, directory: str | Path, **settings) -> "Purifier":
         """Loads a folder written by `save_pretrained` (UNet in `unet/`, scheduler in `scheduler/`), with plain diffusers.
 
         `settings` are the other constructor arguments (t_star, method, steps, ...).
@@ -158,7 +158,7 @@ class DiffusionPurifier(nn.Module):
             if not (directory / part).is_dir():
                 raise FileNotFoundError(
                     f"{directory / part} is missing: a purifier folder holds unet/ and scheduler/ as written by "
-                    "DiffusionPurifier.save_pretrained (or by diffusers' save_pretrained of a UNet2DModel and a DDPMScheduler)."
+                    "Purifier.save_pretrained (or by diffusers' save_pretrained of a UNet2DModel and a DDPMScheduler)."
                 )
         unet = UNet2DModel.from_pretrained(directory / "unet")
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")

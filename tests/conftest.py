@@ -45,11 +45,10 @@ def shrink_config(config: str | Path, directory: Path, max_steps: int = 2, keep_
     if "model_name" in init_args and not keep_model:
         init_args.update(model_name="vit_tiny_r_s16_p8_224", model_kwargs=dict(TINY_VIT), pretrained_weights=None)
     settings["trainer"].update(accelerator="cpu", devices=1, strategy="auto", precision="32-true", enable_progress_bar=False)
-    for callback in settings["trainer"].get("callbacks", []):
-        arguments = callback.get("init_args", {})
-        for spec in arguments.get("attacks", []) + [arguments.get("train_attack") or {}]:
-            if "steps" in spec:
-                spec["steps"] = min(spec["steps"], max_steps)
+    adversarial = settings.get("adversarial", {})
+    for spec in adversarial.get("attacks", []) + [adversarial.get("train_attack") or {}]:
+        if "steps" in spec:
+            spec["steps"] = min(spec["steps"], max_steps)
     path = directory / f"tiny_{Path(config).name}"
     path.write_text(yaml.safe_dump(settings))
     return path

@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from robust_cxr import purification
-from robust_cxr.purification import DiffusionPurifier, PurifiedClassifier
+from robust_cxr.purification import Purifier, PurifiedClassifier
 
 TIMESTEPS = 100
 
@@ -74,7 +74,7 @@ class GaussianDataDenoiser(nn.Module):
     ids=["ddpm", "ddim-eta0", "ddim-eta1", "blur"],
 )
 def test_output_shape_and_range(unet, scheduler, images, settings):
-    purified = DiffusionPurifier(unet, scheduler, **settings)(images, generator=seeded())
+    purified = Purifier(unet, scheduler, **settings)(images, generator=seeded())
     assert purified.shape == images.shape
     assert torch.isfinite(purified).all() and purified.min() >= 0 and purified.max() <= 1
     assert not torch.equal(purified, images)
@@ -82,7 +82,7 @@ def test_output_shape_and_range(unet, scheduler, images, settings):
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])
 def test_t_star_zero_returns_input_exactly(unet, scheduler, images, method):
-    assert torch.equal(DiffusionPurifier(unet, scheduler, t_star=0, method=method)(images), images)
+    assert torch.equal(Purifier(unet, scheduler, t_star=0, method=method)(images), images)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_exact_denoiser_of_a_point_mass_returns_it(scheduler, images, settings, 
     """With the exact denoiser of a point mass at x0 every posterior is that point, whatever the input."""
     target = torch.rand(1, 1, 16, 16, generator=seeded(5))
     denoiser = GaussianDataDenoiser(scheduler, target)
-    purified = DiffusionPurifier(denoiser, scheduler, t_star=50, **settings)(images, generator=seeded())
+    purified = Purifier(denoiser, scheduler, t_star=50, **settings)(images, generator=seeded())
     torch.testing.assert_close(purified, target.expand_as(images), atol=1e-4, rtol=0)
     assert [int(t[0]) for t in denoiser.calls] == called_at
     assert all(t.shape == (len(images),) and t.dtype == torch.long and (t == t[0]).all() for t in denoiser.calls)
@@ -106,7 +106,7 @@ def test_ddpm_matches_the_mean_of_the_exact_posterior(scheduler):
     mean, std, t_star = 0.5, 0.1, 50
     denoiser = GaussianDataDenoiser(scheduler, torch.full((1, 1, 1, 1), mean), std)
     inputs = torch.full((8, 1, 64, 64), 0.8)
-    purified = DiffusionPurifier(denoiser, scheduler, t_star=t_star, method="ddpm")(inputs, generator=seeded())
+    purified = Purifier(denoiser, scheduler, t_star=t_star, method="ddpm")(inputs, generator=seeded())
     abar = scheduler.alphas_cumprod[t_star].item()
     variance = (2 * std) ** 2  # in [-1, 1] space
     expected = mean + abar * variance / (abar * variance + 1 - abar) * (0.8 - mean)
@@ -115,8 +115,8 @@ def test_ddpm_matches_the_mean_of_the_exact_posterior(scheduler):
 
 
 def test_ddim_with_eta_one_over_every_timestep_is_ddpm(unet, scheduler, images):
-    ddpm = DiffusionPurifier(unet, scheduler, t_star=12, method="ddpm")(images, generator=seeded(3))
-    ddim = DiffusionPurifier(unet, scheduler, t_star=12, method="ddim", steps=12, eta=1.0)(images, generator=seeded(3))
+    ddpm = Purifier(unet, scheduler, t_star=12, method="ddpm")(images, generator=seeded(3))
+    ddim = Purifier(unet, scheduler, t_star=12, method="ddim", steps=12, eta=1.0)(images, generator=seeded(3))
     torch.testing.assert_close(ddim, ddpm, atol=1e-5, rtol=0)
 
 
@@ -124,7 +124,7 @@ def test_blur_is_a_normalised_gaussian_without_the_unet(scheduler):
     denoiser = GaussianDataDenoiser(scheduler, torch.zeros(1, 1, 1, 1))
     impulse = torch.zeros(1, 1, 33, 33)
     impulse[..., 16, 16] = 1.0
-    blurred = DiffusionPurifier(denoiser, scheduler, t_star=10, method="blur", blur_sigma=2.0)(impulse)
+    blurred = Purifier(denoiser, scheduler, t_star=10, method="blur", blur_sigma=2.0)(impulse)
     offsets = torch.arange(33.0) - 16
     assert denoiser.calls == []
     torch.testing.assert_close(blurred.sum(), torch.tensor(1.0))
@@ -137,51 +137,51 @@ def test_blur_is_a_normalised_gaussian_without_the_unet(scheduler):
 )
 def test_differentiable_mode_gives_input_gradients(unet, scheduler, images, settings):
     inputs = images.clone().requires_grad_(True)
-    DiffusionPurifier(unet, scheduler, differentiable=True, **settings)(inputs, generator=seeded()).sum().backward()
+    Purifier(unet, scheduler, differentiable=True, **settings)(inputs, generator=seeded()).sum().backward()
     assert torch.isfinite(inputs.grad).all() and inputs.grad.abs().sum() > 0
-    assert not DiffusionPurifier(unet, scheduler, **settings)(inputs, generator=seeded()).requires_grad
+    assert not Purifier(unet, scheduler, **settings)(inputs, generator=seeded()).requires_grad
 
 
 def test_checkpointing_changes_neither_outputs_nor_gradients(unet, scheduler, images, monkeypatch):
     settings = dict(t_star=8, method="ddpm")
-    plain = DiffusionPurifier(unet, scheduler, **settings)(images, generator=seeded(2))
+    plain = Purifier(unet, scheduler, **settings)(images, generator=seeded(2))
     inputs = images.clone().requires_grad_(True)
-    checkpointed = DiffusionPurifier(unet, scheduler, differentiable=True, **settings)(inputs, generator=seeded(2))
+    checkpointed = Purifier(unet, scheduler, differentiable=True, **settings)(inputs, generator=seeded(2))
     (gradient,) = torch.autograd.grad(checkpointed.square().sum(), inputs)
     assert torch.equal(checkpointed.detach(), plain)
 
     monkeypatch.setattr(purification, "checkpoint", lambda step, *args, use_reentrant: step(*args))
-    uncheckpointed = DiffusionPurifier(unet, scheduler, differentiable=True, **settings)(inputs, generator=seeded(2))
+    uncheckpointed = Purifier(unet, scheduler, differentiable=True, **settings)(inputs, generator=seeded(2))
     (reference,) = torch.autograd.grad(uncheckpointed.square().sum(), inputs)
     torch.testing.assert_close(gradient, reference)
 
 
 def test_generator_seeds_the_noise(unet, scheduler, images):
-    purifier = DiffusionPurifier(unet, scheduler, t_star=10, method="ddpm")
+    purifier = Purifier(unet, scheduler, t_star=10, method="ddpm")
     assert torch.equal(purifier(images, generator=seeded(0)), purifier(images, generator=seeded(0)))
     assert (purifier(images, generator=seeded(0)) - purifier(images, generator=seeded(1))).abs().max() > 1e-3
 
 
 def test_save_and_load_purify_identically(unet, scheduler, images, tmp_path):
     settings = dict(t_star=10, method="ddim", steps=5, eta=1.0)
-    purifier = DiffusionPurifier(unet, scheduler, **settings)
+    purifier = Purifier(unet, scheduler, **settings)
     purifier.save_pretrained(tmp_path)
-    loaded = DiffusionPurifier.from_pretrained(tmp_path, **settings)
-    plain = DiffusionPurifier(
+    loaded = Purifier.from_pretrained(tmp_path, **settings)
+    plain = Purifier(
         UNet2DModel.from_pretrained(tmp_path / "unet"), DDPMScheduler.from_pretrained(tmp_path / "scheduler"), **settings
     )
     expected = purifier(images, generator=seeded(4))
     assert torch.equal(loaded(images, generator=seeded(4)), expected)
     assert torch.equal(plain(images, generator=seeded(4)), expected)
     with pytest.raises(FileNotFoundError, match="unet"):
-        DiffusionPurifier.from_pretrained(tmp_path / "missing")
+        Purifier.from_pretrained(tmp_path / "missing")
 
 
 def test_labels(unet, scheduler):
-    assert DiffusionPurifier(unet, scheduler, t_star=50, steps=10).label == "ddim-10@t50"
-    assert DiffusionPurifier(unet, scheduler, t_star=50, steps=10, eta=1.0).label == "ddim-10-eta1.0@t50"
-    assert DiffusionPurifier(unet, scheduler, t_star=50, method="ddpm").label == "ddpm@t50"
-    assert DiffusionPurifier(unet, scheduler, t_star=50, method="blur").label == "blur-s1.0"
+    assert Purifier(unet, scheduler, t_star=50, steps=10).label == "ddim-10@t50"
+    assert Purifier(unet, scheduler, t_star=50, steps=10, eta=1.0).label == "ddim-10-eta1.0@t50"
+    assert Purifier(unet, scheduler, t_star=50, method="ddpm").label == "ddpm@t50"
+    assert Purifier(unet, scheduler, t_star=50, method="blur").label == "blur-s1.0"
 
 
 class CountingPurifier(nn.Module):
@@ -198,7 +198,7 @@ class CountingPurifier(nn.Module):
 
 
 def test_purified_classifier_runs_the_repeats_as_one_batch(unet, scheduler, images):
-    counting = CountingPurifier(DiffusionPurifier(unet, scheduler, t_star=10, steps=2, differentiable=True))
+    counting = CountingPurifier(Purifier(unet, scheduler, t_star=10, steps=2, differentiable=True))
     classifier = nn.Sequential(nn.Flatten(), nn.Linear(256, 3))
     inputs = images.clone().requires_grad_(True)
     logits = PurifiedClassifier(counting, classifier, n_repeats=3)(inputs)
@@ -232,7 +232,7 @@ def test_vote_returns_the_majority_class_and_logits_the_mean():
 
 def test_vote_passes_gradients_straight_through(unet, scheduler, images):
     inputs = images.clone().requires_grad_(True)
-    purifier = DiffusionPurifier(unet, scheduler, t_star=10, steps=2, differentiable=True)
+    purifier = Purifier(unet, scheduler, t_star=10, steps=2, differentiable=True)
     vote = PurifiedClassifier(purifier, nn.Sequential(nn.Flatten(), nn.Linear(256, 2)), n_repeats=2, aggregate="vote")(inputs)
     (gradient,) = torch.autograd.grad(vote[:, 0].sum(), inputs)
     assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
@@ -246,7 +246,7 @@ def test_vote_passes_gradients_straight_through(unet, scheduler, images):
 )
 def test_bad_purifier_arguments_name_the_parameter(unet, scheduler, settings, parameter):
     with pytest.raises(ValueError, match=parameter):
-        DiffusionPurifier(unet, scheduler, **{"t_star": 10, **settings})
+        Purifier(unet, scheduler, **{"t_star": 10, **settings})
 
 
 @pytest.mark.parametrize("settings, parameter", [(dict(n_repeats=0), "n_repeats"), (dict(aggregate="mean"), "aggregate")])
