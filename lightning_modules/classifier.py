@@ -88,10 +88,10 @@ class ImageClassifierModule(L.LightningModule):
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss of a training batch and the logits of ``batch["image"]``; adds the TRADES term when present."""
-        logits = self(batch["image"])
+        logits = self.model(batch["image"])
         loss = self.criterion(logits, batch["label"])
         if "adversarial_image" in batch:
-            adversarial_logits = self(batch["adversarial_image"])
+            adversarial_logits = self.model(batch["adversarial_image"])
             clean_log_probs = F.log_softmax(logits[: len(adversarial_logits)], dim=1)
             kl = F.kl_div(F.log_softmax(adversarial_logits, dim=1), clean_log_probs, reduction="batchmean", log_target=True)
             loss = loss + batch["trades_beta"] * kl
@@ -130,10 +130,13 @@ class ImageClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def load_classifier_module(checkpoint_path: str | Path, made_by: str) -> ImageClassifierModule:
+def load_classifier_module(
+    checkpoint_path: str | Path, made_by: str, num_classes: int | None = None, class_names: list[str] | None = None
+) -> ImageClassifierModule:
     """The stage module saved in `checkpoint_path` (any `ImageClassifierModule`), on the CPU, frozen, in eval mode.
 
-    `made_by` is the command that writes such a checkpoint, quoted in the error when the file is missing.
+    `made_by` is the command that writes such a checkpoint, quoted in the error when the file is missing. When
+    given, `num_classes` and `class_names` (the data's) must match the classes the module was trained on.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -144,4 +147,10 @@ def load_classifier_module(checkpoint_path: str | Path, made_by: str) -> ImageCl
     module_path, class_name = checkpoint["module_class"].rsplit(".", 1)
     module_class = getattr(importlib.import_module(module_path), class_name)
     module = module_class.load_from_checkpoint(path, map_location="cpu")
+    trained_names, trained_count = module.hparams.get("class_names"), module.hparams.num_classes
+    if (num_classes is not None and trained_count != num_classes) or (class_names and trained_names and list(trained_names) != list(class_names)):
+        raise ValueError(
+            f"The classifier in {path} was trained on classes {trained_names} ({trained_count}) but the data have "
+            f"{class_names} ({num_classes}); use a checkpoint trained on this data, or the data it was trained on."
+        )
     return module.eval().requires_grad_(False)

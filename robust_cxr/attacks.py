@@ -60,6 +60,9 @@ class AttackSpec:
             undefended classifier), ``transfer`` (source = another model, e.g. the teacher).
         eot_samples: draws of a stochastic source averaged per gradient step (EOT).
         name: label in metric names and reports; default from method and steps (``pgd10``).
+        max_batches: evaluate this attack on the first `max_batches` batches per rank only (None: every
+            batch the callback attacks); for attacks too costly for the whole set, such as white-box
+            attacks through a diffusion purifier. Its report row states the images it covered.
     """
 
     method: AttackMethod = "pgd"
@@ -70,6 +73,7 @@ class AttackSpec:
     threat_model: ThreatModel = "whitebox"
     eot_samples: int = 1
     name: str | None = None
+    max_batches: int | None = None
 
     def __post_init__(self) -> None:
         if self.eps <= 0 or self.steps < 1 or self.eot_samples < 1:

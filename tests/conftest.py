@@ -21,6 +21,10 @@ PNEUMONIA_NPZ = SHARED_DATA / "pneumoniamnist.npz"
 requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
 
 TINY_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2}  # for the default hybrid ViT-Tiny
+TINY_UNET = {
+    "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "add_attention": False,
+    "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
+}
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -44,6 +48,8 @@ def shrink_config(config: str | Path, directory: Path, max_steps: int = 2, keep_
     init_args = settings["model"]["init_args"]
     if "model_name" in init_args and not keep_model:
         init_args.update(model_name="vit_tiny_r_s16_p8_224", model_kwargs=dict(TINY_VIT), pretrained_weights=None)
+    if "unet" in init_args and not keep_model:
+        init_args["unet"] = dict(TINY_UNET)
     settings["trainer"].update(accelerator="cpu", devices=1, strategy="auto", precision="32-true", enable_progress_bar=False)
     adversarial = settings.get("adversarial", {})
     for spec in adversarial.get("attacks", []) + [adversarial.get("train_attack") or {}]:

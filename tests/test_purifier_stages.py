@@ -1,0 +1,166 @@
+"""The purifier stage (DDPM training, EMA, export) and the purify-then-fine-tune stage, chained as in a fresh clone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from conftest import CONFIGS, TINY_UNET, shrink_config
+from lightning_modules import DiffusionPurifier, PurifyThenFinetune
+from robust_cxr.purification import Purifier
+from train import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict:
+    """Teacher, purifier and purify-then-fine-tune run in one working directory with their configs' default paths."""
+    directory = tmp_path_factory.mktemp("chain")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(directory)
+    try:
+        metrics = {}
+        for stage, epochs in (("teacher", 4), ("purifier", 2), ("purify_finetune", 1)):
+            config = shrink_config(CONFIGS / f"{stage}.yaml", directory, max_steps=2, synthetic_samples=320)
+            # No --run_dir: each config's own run_dir, so each stage finds the previous one by its defaults.
+            metrics[stage] = main(["--config", str(config), "--trainer.max_epochs", str(epochs)])
+    finally:
+        monkeypatch.undo()
+    return {"runs": directory / "runs", "metrics": metrics}
+
+
+def test_purifier_stage_exports_a_folder_plain_diffusers_reloads_identically(chain):
+    run = chain["runs"] / "purifier"
+    export = run / "export"
+    unet = UNet2DModel.from_pretrained(export / "unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(export / "scheduler")
+    module = DiffusionPurifier.load_from_checkpoint(run / "checkpoints" / "best.ckpt", map_location="cpu").eval()
+    images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    reloaded = Purifier(unet, scheduler, t_star=100, method="ddim", steps=5)(images, generator=torch.Generator().manual_seed(1))
+    trained = module.purifier()(images, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(reloaded, trained)
+    assert 0 <= reloaded.min() and reloaded.max() <= 1
+
+
+def test_purifier_stage_keeps_ema_weights_apart_in_its_checkpoint(chain):
+    state = torch.load(chain["runs"] / "purifier" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    weights = state["state_dict"]
+    name = next(key for key in weights if key.startswith("unet.") and key.endswith("weight"))
+    assert not torch.equal(weights[name], weights["ema_" + name])
+    assert "optimizer_states" in state and state["epoch"] == 1
+
+
+def test_ema_update_moves_towards_the_weights_outside_autograd():
+    module = DiffusionPurifier(image_size=16, unet=dict(TINY_UNET), ema_decay=0.5)
+    ema_before = [parameter.clone() for parameter in module.ema_unet.parameters()]
+    with torch.no_grad():
+        for parameter in module.unet.parameters():
+            parameter.add_(1.0)
+    module.on_train_batch_end(None, None, 0)  # first update: decay min(0.5, 1 / 10)
+    for before, ema, weight in zip(ema_before, module.ema_unet.parameters(), module.unet.parameters()):
+        assert torch.allclose(ema, 0.1 * before + 0.9 * weight)
+        assert ema.grad_fn is None and not ema.requires_grad
+
+
+def test_purifier_validation_reports_denoising_loss_and_psnr(chain):
+    metrics = chain["metrics"]["purifier"]
+    assert metrics["test/denoising_loss"] < 1.0  # an untrained epsilon predictor scores about 1
+    assert metrics["test/psnr"] > 10 and metrics["test/psnr_noisy"] > 10
+
+
+def test_purifier_training_lowers_the_denoising_loss():
+    torch.manual_seed(0)
+    module = DiffusionPurifier(image_size=16, unet=dict(TINY_UNET), max_train_timestep=200, t_star=50)
+    images = torch.rand(16, 1, 1, 1).expand(16, 1, 16, 16)  # flat images: the noise is all that varies in space
+    optimizer = torch.optim.Adam(module.unet.parameters(), lr=3e-3)
+    generator_seed = 7
+    before = module.denoising_loss(module.unet, images, torch.Generator().manual_seed(generator_seed)).item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        module.denoising_loss(module.unet, images).backward()
+        optimizer.step()
+    after = module.denoising_loss(module.unet, images, torch.Generator().manual_seed(generator_seed)).item()
+    assert after < 0.5 * before
+
+
+def test_fine_tuning_starts_from_the_pretrained_folder(chain):
+    export = chain["runs"] / "purifier" / "export"
+    module = DiffusionPurifier(image_size=32, pretrained=str(export))
+    exported = UNet2DModel.from_pretrained(export / "unet")
+    for mine, theirs in zip(module.unet.state_dict().values(), exported.state_dict().values()):
+        assert torch.equal(mine, theirs)
+    assert module.scheduler.config.num_train_timesteps == DDPMScheduler.from_pretrained(export / "scheduler").config.num_train_timesteps
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(pretrained="does/not/exist"), "not a diffusers model folder"),
+        (dict(image_size=33), "multiple of 2"),
+        (dict(max_train_timestep=50, t_star=100), "must be >= t_star"),
+        (dict(ema_decay=1.0), "ema_decay"),
+    ],
+)
+def test_purifier_rejects_bad_settings(settings, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        DiffusionPurifier(**{"unet": dict(TINY_UNET), **settings})
+
+
+def test_pretrained_unet_with_other_channels_is_a_clear_error(tmp_path):
+    UNet2DModel(in_channels=3, out_channels=3, **TINY_UNET).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="takes 3 channels but the data have 1"):
+        DiffusionPurifier(pretrained=str(tmp_path), in_chans=1)
+
+
+def test_purify_finetune_report_compares_the_three_pipelines_on_the_same_images(chain):
+    rows = json.loads((chain["runs"] / "purify_finetune" / "robustness_report.json").read_text())
+    table = {(row["model"], row["defense"], row["attack"]): row for row in rows}
+    defense = "purifier/ddim-5@t100"
+    expected = {
+        ("teacher", "none", "none"), ("teacher", "none", "pgd10_whitebox_eot2"),
+        ("teacher", defense, "none"), ("teacher", defense, "pgd10_graybox"), ("teacher", defense, "pgd10_whitebox_eot2"),
+        ("teacher_finetuned", defense, "none"), ("teacher_finetuned", defense, "pgd10_graybox"),
+        ("teacher_finetuned", defense, "pgd10_whitebox_eot2"),
+    }
+    assert set(table) == expected  # gray-box on the undefended teacher is white-box, so it is not repeated
+    test_images = {row["n"] for key, row in table.items() if key[2] != "pgd10_whitebox_eot2"}
+    assert len(test_images) == 1  # clean and gray-box rows cover the same images
+    assert table[("teacher", defense, "pgd10_whitebox_eot2")]["n"] == 32  # max_batches: 1 batch of the tiny config
+    for row in rows:
+        assert row["perturbation"] is None or row["perturbation"] <= 0.03 + 1e-6
+
+
+def test_purify_finetune_keeps_teacher_and_purifier_frozen_and_out_of_the_checkpoint(chain):
+    runs = chain["runs"]
+    module = PurifyThenFinetune(
+        num_classes=2, image_size=32, teacher_ckpt=str(runs / "teacher" / "checkpoints" / "best.ckpt"),
+        purifier_dir=str(runs / "purifier" / "export"),
+    )
+    for name, parameter in module.model.named_parameters():
+        assert torch.equal(parameter, dict(module.teacher.named_parameters())[name])
+    assert all(key.startswith(("model.", "train_acc", "val_metrics", "test_metrics")) for key in module.state_dict())
+    assert not any(p.requires_grad for p in [*module.teacher.parameters(), *module.purifier.parameters()])
+    module.train()
+    assert not module.teacher.training and not module.purifier.unet.training
+    batch = {"image": torch.rand(4, 1, 32, 32), "label": torch.tensor([0, 1, 0, 1])}
+    loss, _ = module.training_loss(batch)
+    loss.backward()
+    assert all(p.grad is None for p in module.purifier.parameters())
+    assert any(p.grad is not None for p in module.model.parameters())
+
+
+def test_purify_finetune_names_the_missing_teacher_checkpoint(chain, tmp_path):
+    with pytest.raises(FileNotFoundError, match="python train.py --config configs/teacher.yaml"):
+        PurifyThenFinetune(num_classes=2, teacher_ckpt=str(tmp_path / "none.ckpt"), purifier_dir=str(chain["runs"] / "purifier" / "export"))
+
+
+def test_purify_finetune_rejects_a_teacher_of_other_classes(chain):
+    with pytest.raises(ValueError, match="trained on classes"):
+        PurifyThenFinetune(
+            num_classes=3, teacher_ckpt=str(chain["runs"] / "teacher" / "checkpoints" / "best.ckpt"),
+            purifier_dir=str(chain["runs"] / "purifier" / "export"),
+        )
