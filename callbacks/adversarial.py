@@ -3,10 +3,14 @@
 How it plugs in:
 - Training: at `setup` the callback wraps `on_after_batch_transfer` (the DataModule's or the
   LightningModule's, whichever Lightning calls), which runs on each rank's own batch after it
-  reaches the device, outside the DDP forward and outside autocast. There it replaces the first
-  `train_fraction` of the batch by adversarial images crafted against the module being trained
-  (PGD-AT), or, with `trades_beta`, adds ``adversarial_image`` and ``trades_beta`` for the
-  module's TRADES loss.
+  reaches the device, outside the DDP forward and outside autocast. There it crafts adversarial
+  versions of the first `train_fraction` of the batch against the module's
+  `adversarial_training_source()` and either replaces those images by them (PGD-AT), or, with
+  `trades_beta`, adds them as ``adversarial_image`` with ``trades_beta`` for the module's TRADES
+  loss. A module that defines `adversarial_training_targets(images, labels) -> (targets, loss_fn)`
+  (e.g. robust distillation) chooses what the attack ascends, ``loss_fn(logits, targets)`` (None:
+  cross-entropy with `targets` as labels), and gets the result added as ``adversarial_image``
+  beside its clean images.
 - Evaluation: after each validation / test batch the callback attacks the module's
   `robustness_subjects()` on that rank's batch (under `enable_grad` and outside inference mode),
   accumulates `RobustnessCounts` metrics synced over ranks, logs
@@ -43,12 +47,14 @@ class AdversarialExampleCallback(Callback):
         attacks: the evaluation suite, run at validation and test.
         train_attack: the attack for adversarial training (white-box against the module being
             trained); None trains on clean images only.
-        train_fraction: share of each training batch replaced by adversarial images (0..1).
+        train_fraction: share of each training batch attacked (0..1): replaced by its adversarial
+            images (PGD-AT), or paired with them (TRADES, module-chosen targets).
         train_eps_warmup_epochs: ramp the training eps linearly from 0 to `train_attack.eps` over
             this many epochs; from-scratch adversarial training at full eps can collapse to a
             constant prediction.
         trades_beta: train with TRADES (CE on clean + beta * KL(clean || adversarial)) instead of
-            PGD-AT; the training attack then ascends that KL.
+            PGD-AT; the training attack then ascends that KL. Not for modules that define
+            `adversarial_training_targets`.
         val_every_n_epochs, val_max_batches: strong attacks are expensive, so validation attacks
             run every n epochs on at most m batches per rank (None: all).
         test_max_batches: batches per rank attacked at test (None: the full test set).
@@ -97,6 +103,11 @@ class AdversarialExampleCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.train_attack is None or stage != TrainerFn.FITTING.value:
             return
+        if self.trades_beta is not None and hasattr(pl_module, "adversarial_training_targets"):
+            raise ValueError(
+                f"{type(pl_module).__name__} chooses its own adversarial training targets (adversarial_training_targets), "
+                "which TRADES would override: set trades_beta to null."
+            )
         owner = _batch_hook_owner(trainer, pl_module)
         original = owner.on_after_batch_transfer
 
@@ -127,13 +138,18 @@ class AdversarialExampleCallback(Callback):
             seed=self.seed + 1 + trainer.global_step,
             autocast_dtype=_attack_dtype(trainer),
         )
-        if self.trades_beta is None:
+        if hasattr(pl_module, "adversarial_training_targets"):
+            targets, loss_fn = pl_module.adversarial_training_targets(images, labels)
+            added = {}
+        elif self.trades_beta is not None:
+            with attacking(source):
+                targets = source(images).softmax(dim=1).detach()
+            loss_fn, added = trades_kl_loss, {"trades_beta": self.trades_beta}
+        else:
             adversarial = craft_adversarial(spec, source, images, labels, **common)
             return {**batch, "image": torch.cat([adversarial, batch["image"][count:]])}
-        with attacking(source):
-            clean_probabilities = source(images).softmax(dim=1).detach()
-        adversarial = craft_adversarial(spec, source, images, clean_probabilities, loss_fn=trades_kl_loss, **common)
-        return {**batch, "adversarial_image": adversarial, "trades_beta": self.trades_beta}
+        adversarial = craft_adversarial(spec, source, images, targets, loss_fn=loss_fn, **common)
+        return {**batch, "adversarial_image": adversarial, **added}
 
     def _scheduled_train_attack(self, trainer: L.Trainer) -> AttackSpec | None:
         """The training attack at this step's point of the eps warmup; None while its eps is still 0."""

@@ -1,6 +1,7 @@
 """LightningModules, one per stage; they wire the plain modules of `robust_cxr` to data, optimizers and logging."""
 
 from lightning_modules.classifier import ImageClassifierModule
+from lightning_modules.student import DistilledStudent
 from lightning_modules.teacher import TeacherClassifier
 
-__all__ = ["ImageClassifierModule", "TeacherClassifier"]
+__all__ = ["DistilledStudent", "ImageClassifierModule", "TeacherClassifier"]

@@ -69,3 +69,43 @@ def create_timm_classifier(
     if len(mean) != in_chans:  # grayscale input to an RGB-normalized model: average the channel statistics
         mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
     return NormalizedClassifier(backbone, mean, std)
+
+
+class SmallCNN(nn.Module):
+    """A small convolutional classifier: normalized images (B, C, H, W) -> logits (B, K).
+
+    Per width, a stride-2 and a stride-1 3x3 conv-BatchNorm-ReLU block, then global average pooling
+    and a linear head; any input side. Wrap it in `NormalizedClassifier` for [0, 1] input (see
+    `create_student_classifier`).
+    """
+
+    def __init__(self, in_chans: int, num_classes: int, widths: Sequence[int] = (16, 32, 64)):
+        super().__init__()
+        blocks = []
+        channels = in_chans
+        for width in widths:
+            blocks += [_conv_bn_relu(channels, width, stride=2), _conv_bn_relu(width, width, stride=1)]
+            channels = width
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images).mean(dim=(2, 3)))
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def create_student_classifier(
+    student_name: str, num_classes: int, in_chans: int, image_size: int, **student_kwargs: Any
+) -> NormalizedClassifier:
+    """The distilled student: ``small_cnn`` is `SmallCNN` (kwargs: ``widths``) on [0, 1] pixels centred to
+    [-1, 1]; any other name is a timm model built by `create_timm_classifier` with `student_kwargs`."""
+    if student_name == "small_cnn":
+        return NormalizedClassifier(SmallCNN(in_chans, num_classes, **student_kwargs), [0.5] * in_chans, [0.5] * in_chans)
+    return create_timm_classifier(student_name, num_classes, in_chans, image_size, **student_kwargs)

@@ -1,0 +1,160 @@
+"""Stage 3: a small student distilled from the frozen teacher (optionally the teacher behind its purifier)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_modules.classifier import ImageClassifierModule, load_classifier_module
+from robust_cxr.attacks import LossFn, trades_kl_loss
+from robust_cxr.costs import model_costs, write_model_costs
+from robust_cxr.distillation import ard_loss, check_distillation_settings, kd_loss, rslad_loss
+from robust_cxr.models import create_student_classifier
+from robust_cxr.purification import PurificationMethod, PurifiedClassifier, Purifier
+from robust_cxr.threat import DefendedModel
+
+TEACHER_COMMAND = "python train.py --config configs/teacher.yaml"
+
+
+class DistilledStudent(ImageClassifierModule):
+    """A student classifier trained to match a frozen teacher's soft predictions.
+
+    The teacher (and its purifier) is loaded at construction and kept out of the state dict, the
+    optimizer and DDP (`register_frozen`); a student checkpoint therefore names its teacher, it
+    does not contain it.
+
+    Robust distillation (`robust_kd`) needs the adversarial callback's `train_attack`: the callback
+    asks `adversarial_training_targets` what to attack, crafts against the student and adds
+    ``adversarial_image`` (B', C, H, W) for the first B' clean images of the batch.
+
+    Args:
+        student_name: ``small_cnn`` (a `SmallCNN`, the default) or any timm model name.
+        student_kwargs: ``widths`` for ``small_cnn``; extra timm arguments otherwise.
+        teacher_ckpt: checkpoint of a classifier stage (the teacher, or a purify-then-fine-tune run).
+        teacher_purifier: a folder written by `Purifier.save_pretrained`; the student then distils the
+            defended pipeline, purifier then teacher. None distils the teacher alone.
+        purifier_t_star, purifier_method, purifier_steps: the purifier's settings (see `Purifier`).
+        temperature: softmax temperature T > 0 of the soft targets (``none`` and ``ard``; RSLAD uses 1).
+        alpha: weight in [0, 1] of the teacher-matching term (on adversarial images for ard / rslad).
+        robust_kd: ``none`` (Hinton KD on the training batch), ``ard`` (Goldblum et al. 2020: student
+            on x' matched to the teacher on x, plus CE on x; the attack ascends CE) or ``rslad``
+            (Zi et al. 2021: teacher soft labels replace the labels in the loss and in the attack).
+        in_chans, image_size: input channels and side, linked from the DataModule by the CLI.
+        Other arguments: see `ImageClassifierModule`.
+    """
+
+    report_name = "student"
+
+    def __init__(
+        self,
+        num_classes: int,
+        student_name: str = "small_cnn",
+        student_kwargs: dict[str, Any] | None = None,
+        teacher_ckpt: str = "runs/teacher/checkpoints/best.ckpt",
+        teacher_purifier: str | None = None,
+        purifier_t_star: int = 100,
+        purifier_method: PurificationMethod = "ddim",
+        purifier_steps: int = 5,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        robust_kd: Literal["none", "ard", "rslad"] = "none",
+        in_chans: int = 1,
+        image_size: int = 64,
+        class_names: list[str] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing)
+        check_distillation_settings(temperature, alpha)
+        self.save_hyperparameters()
+        self.model = create_student_classifier(student_name, num_classes, in_chans, image_size, **(student_kwargs or {}))
+        teacher = load_classifier_module(teacher_ckpt, TEACHER_COMMAND, num_classes, class_names)
+        _check_teacher_input(teacher.hparams, teacher_ckpt, in_chans, image_size)
+        if teacher_purifier is not None:
+            purifier = Purifier.from_pretrained(teacher_purifier, **self._purifier_settings())
+            self.register_frozen("teacher", PurifiedClassifier(purifier, teacher.model))
+        else:
+            self.register_frozen("teacher", teacher.model)
+
+    def _purifier_settings(self) -> dict[str, Any]:
+        hp = self.hparams
+        return dict(t_star=hp.purifier_t_star, method=hp.purifier_method, steps=hp.purifier_steps)
+
+    @property
+    def teacher_classifier(self) -> nn.Module:
+        """The teacher without its purifier: [0, 1] images (B, C, H, W) -> logits (B, K)."""
+        return self.teacher.classifier if self.hparams.teacher_purifier is not None else self.teacher
+
+    def on_fit_start(self) -> None:
+        attacked = any(getattr(callback, "train_attack", None) is not None for callback in self.trainer.callbacks)
+        robust_kd = self.hparams.robust_kd
+        if robust_kd != "none" and not attacked:
+            raise ValueError(
+                f"robust_kd={robust_kd!r} needs adversarial examples: set adversarial.train_attack, e.g. {{method: pgd, eps: 0.03, steps: 5}}."
+            )
+        if robust_kd == "none" and attacked:
+            raise ValueError("robust_kd='none' distils on clean images; set robust_kd to 'ard' or 'rslad' to use adversarial.train_attack.")
+
+    def adversarial_training_targets(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, LossFn | None]:
+        """What the training attack on the student ascends, for clean images (B, C, H, W) in [0, 1] and labels (B,).
+
+        ARD: cross-entropy with the labels (loss None). RSLAD: KL to the teacher's probabilities (B, K).
+        """
+        if self.hparams.robust_kd == "rslad":
+            with torch.no_grad():
+                return self.teacher(images).softmax(dim=1), trades_kl_loss
+        return labels, None
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distillation loss of a training batch and the student's logits (B, K) of ``batch["image"]``."""
+        hp = self.hparams
+        images, labels = batch["image"], batch["label"]
+        logits = self(images)
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        if hp.robust_kd == "none":
+            return kd_loss(logits, teacher_logits, labels, hp.temperature, hp.alpha), logits
+        # While the eps warmup holds the training eps at 0 the callback adds nothing: x' is then x.
+        adversarial_logits = self(batch["adversarial_image"]) if "adversarial_image" in batch else logits
+        if hp.robust_kd == "ard":
+            return ard_loss(logits, adversarial_logits, teacher_logits, labels, hp.temperature, hp.alpha), logits
+        return rslad_loss(logits, adversarial_logits, teacher_logits, hp.alpha), logits
+
+    def robustness_subjects(self) -> list[DefendedModel]:
+        """The student (white-box, and transfer from the teacher classifier), the teacher (white-box), and with a
+        purifier the teacher behind it, whose purifier lets gradients through for white-box attacks."""
+        teacher = self.teacher_classifier
+        subjects = [
+            DefendedModel(self.report_name, "none", self.model, self.model, transfer_source=teacher),
+            DefendedModel("teacher", "none", teacher, teacher),
+        ]
+        if self.hparams.teacher_purifier is not None:
+            frozen = self.teacher.purifier
+            purifier = Purifier(frozen.unet, frozen.scheduler, differentiable=True, **self._purifier_settings())
+            subjects.append(DefendedModel("teacher", f"purifier/{purifier.label}", teacher, PurifiedClassifier(purifier, teacher)))
+        return subjects
+
+    def on_test_epoch_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        models = {self.report_name: self.model, "teacher": self.teacher_classifier}
+        if self.hparams.teacher_purifier is not None:
+            models[f"teacher+purifier/{self.teacher.purifier.label}"] = self.teacher
+        image_shape = (self.hparams.in_chans, self.hparams.image_size, self.hparams.image_size)
+        path = write_model_costs(model_costs(models, image_shape, self.device), self.trainer.default_root_dir, self.device)
+        rank_zero_info(f"Model costs: {path}")
+
+
+def _check_teacher_input(teacher_hparams: dict, teacher_ckpt: str, in_chans: int, image_size: int) -> None:
+    """Raises ValueError when the teacher was trained on images of other channels or side than the data's."""
+    teacher_input = (teacher_hparams.get("in_chans", in_chans), teacher_hparams.get("image_size", image_size))
+    if teacher_input != (in_chans, image_size):
+        raise ValueError(
+            f"The teacher {teacher_ckpt} takes {teacher_input[0]}-channel {teacher_input[1]} px images, the data are "
+            f"{in_chans}-channel {image_size} px. Set --data.channels and --data.image_size to the teacher's."
+        )
