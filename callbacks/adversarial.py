@@ -28,12 +28,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from robust_cxr.attacks import AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
 from robust_cxr.metrics import RobustnessCounts
+from robust_cxr.purification import PurifiedClassifier
 from robust_cxr.reports import save_adversarial_grid, write_robustness_report
 from robust_cxr.threat import DefendedModel
 
@@ -183,24 +185,26 @@ class AdversarialExampleCallback(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._counts and (self.val_max_batches is None or batch_idx < self.val_max_batches):
-            self._evaluate_batch(trainer, pl_module, batch, capture_grid=False)
+            self._evaluate_batch(trainer, pl_module, batch, batch_idx, capture_grid=False)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._counts and (self.test_max_batches is None or batch_idx < self.test_max_batches):
-            self._evaluate_batch(trainer, pl_module, batch, capture_grid=batch_idx == 0 and trainer.is_global_zero)
+            self._evaluate_batch(trainer, pl_module, batch, batch_idx, capture_grid=batch_idx == 0 and trainer.is_global_zero)
 
-    def _evaluate_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, capture_grid: bool) -> None:
+    def _evaluate_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int, capture_grid: bool) -> None:
         with torch.inference_mode(False):  # batches made under inference mode cannot enter autograd
             images, labels = batch["image"].clone(), batch["label"].clone()
             keys = batch["index"].clone() if "index" in batch else None
         dtype = _attack_dtype(trainer)
+        # The grid shows the first defended subject (with its purified images) when there is one.
+        grid_subject = next((s for s in self._subjects if isinstance(s.pipeline, PurifiedClassifier)), self._subjects[0])
         for subject in self._subjects:
             clean_predictions = _predict(subject.pipeline, images, dtype)
             clean_correct = clean_predictions == labels
             self._counts[(subject.key, "none")].update(clean_correct, clean_correct, torch.zeros_like(labels, dtype=torch.float))
             for spec in self.attacks:
                 source = subject.attack_source(spec.threat_model)
-                if source is None:
+                if source is None or (spec.max_batches is not None and batch_idx >= spec.max_batches):
                     continue
                 adversarial = craft_adversarial(
                     spec, source, images, labels, num_classes=pl_module.hparams.num_classes, keys=keys, seed=self.seed, autocast_dtype=dtype
@@ -208,11 +212,15 @@ class AdversarialExampleCallback(Callback):
                 adversarial_predictions = _predict(subject.pipeline, adversarial, dtype)
                 norms = perturbation_norm(adversarial, images, spec.norm)
                 self._counts[(subject.key, spec.label)].update(clean_correct, adversarial_predictions == labels, norms)
-                if capture_grid and self._grid is None:
+                if capture_grid and self._grid is None and subject is grid_subject:
                     n = self.grid_images
+                    purified = None
+                    if isinstance(subject.pipeline, PurifiedClassifier):
+                        with torch.no_grad():
+                            purified = subject.pipeline.purifier(adversarial[:n])
                     self._grid = dict(
                         clean=images[:n], adversarial=adversarial[:n], labels=labels[:n], clean_predictions=clean_predictions[:n],
-                        adversarial_predictions=adversarial_predictions[:n], eps=spec.eps,
+                        adversarial_predictions=adversarial_predictions[:n], eps=spec.eps, purified=purified,
                     )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -224,9 +232,11 @@ class AdversarialExampleCallback(Callback):
             return
         directory = Path(trainer.default_root_dir)
         report = write_robustness_report(rows, directory)
+        grid = None
         if self._grid is not None:
             class_names = pl_module.hparams.get("class_names") or [str(i) for i in range(pl_module.hparams.num_classes)]
-            save_adversarial_grid(directory / "adversarial_examples.png", class_names=class_names, **self._grid)
+            grid = save_adversarial_grid(directory / "adversarial_examples.png", class_names=class_names, **self._grid)
+        _log_report_to_wandb(trainer, rows, grid)
         rank_zero_info(f"Robustness report: {report}")
 
     def _log_results(self, stage: str, pl_module: L.LightningModule) -> list[dict]:
@@ -259,6 +269,16 @@ class AdversarialExampleCallback(Callback):
                 )
             )
         return rows
+
+
+def _log_report_to_wandb(trainer: L.Trainer, rows: list[dict], grid: Path | None) -> None:
+    """Logs the report rows as a table and the example grid (a PNG path, if any) as an image to every W&B logger."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            table = [list(row.values()) for row in rows]
+            logger.log_table("test/robustness_report", columns=list(rows[0]), data=table, step=trainer.global_step)
+            if grid is not None:
+                logger.log_image("test/adversarial_examples", images=[str(grid)], step=trainer.global_step)
 
 
 def _batch_hook_owner(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule | L.LightningDataModule:

@@ -43,19 +43,23 @@ def save_adversarial_grid(
     adversarial_predictions: torch.Tensor,
     eps: float,
     class_names: list[str],
+    purified: torch.Tensor | None = None,
     tile: int = 128,
 ) -> Path:
-    """One row per image: clean | adversarial | perturbation amplified to the eps range | predictions.
+    """One row per image: clean | adversarial | perturbation amplified to the eps range | [purified] | predictions.
 
     Args:
         clean, adversarial: (N, C, H, W) in [0, 1]; labels and predictions: (N,) class indices.
         eps: the attack budget; the perturbation tile maps -eps..eps to black..white.
+        purified: (N, C, H, W) in [0, 1], the purifier's output for the adversarial images, or None.
     """
     perturbation = (0.5 + 0.5 * (adversarial - clean) / eps).clamp(0, 1)
-    panels = torch.cat([clean, adversarial, perturbation], dim=3).mean(dim=1)  # (N, H, 3W) grayscale
-    panels = torch.nn.functional.interpolate(panels[:, None], size=(tile, 3 * tile), mode="nearest")[:, 0]
+    tiles = [clean, adversarial, perturbation] + ([purified] if purified is not None else [])
+    columns = len(tiles)
+    panels = torch.cat(tiles, dim=3).mean(dim=1)  # (N, H, columns * W) grayscale
+    panels = torch.nn.functional.interpolate(panels[:, None], size=(tile, columns * tile), mode="nearest")[:, 0]
     text_width = 2 * tile
-    canvas = Image.new("L", (3 * tile + text_width, tile * len(panels)), color=255)
+    canvas = Image.new("L", (columns * tile + text_width, tile * len(panels)), color=255)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(10, tile // 9))
     for row, panel in enumerate(panels):
@@ -66,7 +70,7 @@ def save_adversarial_grid(
             f"clean: {class_names[int(clean_predictions[row])]}\n"
             f"adversarial: {class_names[int(adversarial_predictions[row])]}"
         )
-        draw.multiline_text((3 * tile + 8, row * tile + 8), text, fill=0, font=font, spacing=4)
+        draw.multiline_text((columns * tile + 8, row * tile + 8), text, fill=0, font=font, spacing=4)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

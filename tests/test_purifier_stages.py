@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
 
 from conftest import CONFIGS, TINY_UNET, shrink_config
 from lightning_modules import DiffusionPurifier, PurifyThenFinetune
@@ -40,7 +41,7 @@ def test_purifier_stage_exports_a_folder_plain_diffusers_reloads_identically(cha
     scheduler = DDPMScheduler.from_pretrained(export / "scheduler")
     module = DiffusionPurifier.load_from_checkpoint(run / "checkpoints" / "best.ckpt", map_location="cpu").eval()
     images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    reloaded = Purifier(unet, scheduler, t_star=100, method="ddim", steps=5)(images, generator=torch.Generator().manual_seed(1))
+    reloaded = Purifier(unet, scheduler, t_star=100, method="ddim", steps=1)(images, generator=torch.Generator().manual_seed(1))
     trained = module.purifier()(images, generator=torch.Generator().manual_seed(1))
     assert torch.equal(reloaded, trained)
     assert 0 <= reloaded.min() and reloaded.max() <= 1
@@ -119,7 +120,7 @@ def test_pretrained_unet_with_other_channels_is_a_clear_error(tmp_path):
 def test_purify_finetune_report_compares_the_three_pipelines_on_the_same_images(chain):
     rows = json.loads((chain["runs"] / "purify_finetune" / "robustness_report.json").read_text())
     table = {(row["model"], row["defense"], row["attack"]): row for row in rows}
-    defense = "purifier/ddim-5@t100"
+    defense = "purifier/ddim-1@t100"
     expected = {
         ("teacher", "none", "none"), ("teacher", "none", "pgd10_whitebox_eot2"),
         ("teacher", defense, "none"), ("teacher", defense, "pgd10_graybox"), ("teacher", defense, "pgd10_whitebox_eot2"),
@@ -132,6 +133,8 @@ def test_purify_finetune_report_compares_the_three_pipelines_on_the_same_images(
     assert table[("teacher", defense, "pgd10_whitebox_eot2")]["n"] == 32  # max_batches: 1 batch of the tiny config
     for row in rows:
         assert row["perturbation"] is None or row["perturbation"] <= 0.03 + 1e-6
+    grid = Image.open(chain["runs"] / "purify_finetune" / "adversarial_examples.png")
+    assert grid.width == 4 * 128 + 2 * 128  # clean, adversarial, perturbation, purified tiles, then the text
 
 
 def test_purify_finetune_keeps_teacher_and_purifier_frozen_and_out_of_the_checkpoint(chain):

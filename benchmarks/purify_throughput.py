@@ -1,0 +1,159 @@
+"""Purification speed against the robustness it keeps: DDPM from t* (the reference) vs DDIM with k steps.
+
+For each sampler it reports images per second and peak memory of purification, and the accuracy of the
+teacher behind the purifier on clean test images and on gray-box PGD examples (crafted once on the
+undefended teacher and shared by every sampler), plus speed-ups and robust-accuracy gaps against DDPM.
+
+    python benchmarks/purify_throughput.py --output benchmarks/results/purify_throughput_cpu.json
+    python benchmarks/purify_throughput.py --data-source folder --data-root ../shared/data/chest_xray_pneumonia_128 \
+        --teacher-ckpt runs/pneumonia/teacher/checkpoints/best.ckpt --purifier-dir runs/pneumonia/purifier/export
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+from datamodules import ChestXRayDataModule  # noqa: E402
+from lightning_modules.classifier import load_classifier_module  # noqa: E402
+from robust_cxr.attacks import AttackSpec, craft_adversarial  # noqa: E402
+from robust_cxr.purification import Purifier  # noqa: E402
+
+
+@contextmanager
+def peak_memory_mb(device: torch.device) -> Iterator[dict]:
+    """Yields a dict whose ``peak_mb`` is set on exit: CUDA's peak allocation, or on CPU the resident-set high-water
+    mark above the level at entry, sampled every 2 ms from /proc/self/statm."""
+    result = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident_bytes() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * page
+
+    start, peak, done = resident_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_bytes())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        result["peak_mb"] = max(0, peak[0] - start) / 2**20
+
+
+@torch.no_grad()
+def accuracy(classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy of `classifier` on images (N, C, H, W) in [0, 1]."""
+    predictions = torch.cat([classifier(batch).argmax(dim=1) for batch in images.split(batch_size)])
+    return (predictions == labels).float().mean().item()
+
+
+def purify_all(purifier: Purifier, images: torch.Tensor, batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
+    """Purified images (N, C, H, W) in [0, 1] and the seconds purification took."""
+    generator = torch.Generator(images.device).manual_seed(seed)
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)
+    start = time.perf_counter()
+    purified = torch.cat([purifier(batch, generator=generator) for batch in images.split(batch_size)])
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)
+    return purified, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher-ckpt", default="runs/teacher/checkpoints/best.ckpt")
+    parser.add_argument("--purifier-dir", default="runs/purifier/export")
+    parser.add_argument("--data-source", default="synthetic", choices=["synthetic", "folder", "medmnist"])
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--t-star", type=int, default=100)
+    parser.add_argument("--ddim-steps", type=int, nargs="+", default=[1, 2, 5, 10])
+    parser.add_argument("--eps", type=float, default=0.03)
+    parser.add_argument("--attack-steps", type=int, default=10)
+    parser.add_argument("--max-images", type=int, default=None, help="first N test images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    teacher = load_classifier_module(args.teacher_ckpt, "python train.py --config configs/teacher.yaml")
+    classifier = teacher.model.to(device)
+    data = ChestXRayDataModule(
+        source=args.data_source, root=args.data_root, image_size=args.image_size, channels=teacher.hparams.in_chans
+    )
+    data.setup("test")
+    test_set = data.datasets["test"]
+    batch = next(iter(torch.utils.data.DataLoader(test_set, batch_size=len(test_set))))
+    images, labels = batch["image"][: args.max_images].to(device), batch["label"][: args.max_images].to(device)
+    attack = AttackSpec(method="pgd", eps=args.eps, steps=args.attack_steps)
+    adversarial = torch.cat(
+        [
+            craft_adversarial(attack, classifier, x, y, num_classes=teacher.hparams.num_classes, keys=k, seed=args.seed)
+            for x, y, k in zip(images.split(args.batch_size), labels.split(args.batch_size), batch["index"][: len(images)].split(args.batch_size))
+        ]
+    )
+    results = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        torch=torch.__version__, images=len(images), t_star=args.t_star, attack=f"graybox pgd{args.attack_steps} eps {args.eps}",
+        teacher_clean_acc=accuracy(classifier, images, labels, args.batch_size),
+        teacher_graybox_acc=accuracy(classifier, adversarial, labels, args.batch_size),
+        samplers=[],
+    )
+    settings = [dict(method="ddpm")] + [dict(method="ddim", steps=k) for k in args.ddim_steps]
+    for setting in settings:
+        purifier = Purifier.from_pretrained(args.purifier_dir, t_star=args.t_star, **setting)
+        purifier.unet.to(device)
+        purify_all(purifier, images[: args.batch_size], args.batch_size, args.seed)  # warm-up
+        with peak_memory_mb(device) as memory:
+            purified_adversarial, seconds = purify_all(purifier, adversarial, args.batch_size, args.seed)
+        purified_clean, _ = purify_all(purifier, images, args.batch_size, args.seed + 1)
+        row = dict(
+            sampler=purifier.label, unet_calls_per_image=args.t_star if setting["method"] == "ddpm" else setting["steps"],
+            images_per_s=len(images) / seconds, peak_memory_mb=memory["peak_mb"],
+            clean_acc=accuracy(classifier, purified_clean, labels, args.batch_size),
+            graybox_robust_acc=accuracy(classifier, purified_adversarial, labels, args.batch_size),
+        )
+        results["samplers"].append(row)
+        print(json.dumps(row), flush=True)
+    reference = results["samplers"][0]
+    for row in results["samplers"]:
+        row["speedup_vs_ddpm"] = row["images_per_s"] / reference["images_per_s"]
+        row["robust_acc_gap_vs_ddpm"] = row["graybox_robust_acc"] - reference["graybox_robust_acc"]
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
