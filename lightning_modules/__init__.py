@@ -1,7 +1,9 @@
 """LightningModules, one per stage; they wire the plain modules of `robust_cxr` to data, optimizers and logging."""
 
 from lightning_modules.classifier import ImageClassifierModule
+from lightning_modules.purifier import DiffusionPurifier
+from lightning_modules.purify_finetune import PurifyThenFinetune
 from lightning_modules.student import DistilledStudent
 from lightning_modules.teacher import TeacherClassifier
 
-__all__ = ["DistilledStudent", "ImageClassifierModule", "TeacherClassifier"]
+__all__ = ["DiffusionPurifier", "DistilledStudent", "ImageClassifierModule", "PurifyThenFinetune", "TeacherClassifier"]
