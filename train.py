@@ -4,29 +4,35 @@
     python train.py --help          # every option, with its default
 
 Everything a run leaves goes under `--run_dir` (default from the config): `checkpoints/`
-(`best.ckpt`, `last.ckpt`), the resolved `config.yaml`, `metrics.csv`, `test_metrics.json`, and
-what callbacks write at test time (the robustness report). Re-running the same command resumes
-from `checkpoints/last.ckpt` (`--resume auto`); `--resume never` starts a fresh numbered run
-directory beside it; `--resume path/to.ckpt` resumes from that file.
+(`best.ckpt`, `last.ckpt`), the resolved `config.yaml`, `metrics.csv`, `test_metrics.json`, the
+offline W&B run (`wandb/`), and what callbacks write at test time (the robustness report).
+Re-running the same command resumes from the newest of `checkpoints/last.ckpt` and the SLURM
+requeue checkpoints `hpc_ckpt_<n>.ckpt` (`--resume auto`); `--resume never` starts a fresh numbered
+run directory beside it; `--resume path/to.ckpt` resumes from that file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
 
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn  # noqa: E402
 
 from callbacks import AdversarialExampleCallback  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
 
 RUN_DIR_ENV = "ROBUST_CXR_RUN_DIR"  # the resolved run directory, inherited by DDP worker processes
+WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run directory: one W&B run per run directory, across resumes and requeues
 
 
 class RobustCXRCLI(LightningCLI):
@@ -38,7 +44,8 @@ class RobustCXRCLI(LightningCLI):
             "--resume",
             type=str,
             default="auto",
-            help="auto: resume from <run_dir>/checkpoints/last.ckpt if it exists; never: start a fresh run directory; or a checkpoint path.",
+            help="auto: resume from the newest (by global step, then time) readable one of <run_dir>/checkpoints/last.ckpt and"
+            " <run_dir>/hpc_ckpt_<n>.ckpt (SLURM requeue); never: start a fresh run directory; or a checkpoint path.",
         )
         # Two checkpoints: the best by a metric, and the latest state to resume from. (ModelCheckpoint's
         # own save_last only refreshes last.ckpt when a new best is saved, so it would go stale.)
@@ -67,23 +74,85 @@ class RobustCXRCLI(LightningCLI):
         for logger in loggers:
             if hasattr(logger, "init_args") and "save_dir" in logger.init_args:
                 logger.init_args.save_dir = str(run_dir)
+        configure_wandb_loggers(loggers, run_dir)
+
+
+class SaveConfigToWandb(SaveConfigCallback):
+    """Writes the resolved config to the run directory (`config.yaml`) and logs it to every W&B logger."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams(config)
+
+
+def configure_wandb_loggers(loggers: list, run_dir: Path) -> None:
+    """For the WandbLogger configs among `loggers`: sets the W&B mode (`wandb_mode`), and their run id and name from `run_dir`."""
+    wandb_loggers = [logger for logger in loggers if str(getattr(logger, "class_path", "")).endswith("WandbLogger")]
+    if not wandb_loggers:
+        return
+    os.environ["WANDB_MODE"] = wandb_mode()
+    run_id = wandb_run_id(run_dir)
+    for logger in wandb_loggers:
+        if not (logger.init_args.get("id") or logger.init_args.get("version")):
+            logger.init_args.id = run_id
+        logger.init_args.name = logger.init_args.get("name") or run_dir.name
+
+
+def wandb_mode() -> str:
+    """W&B never prompts for a login: `WANDB_MODE` if set, else online under a sweep agent and offline otherwise.
+
+    Online without credentials (`wandb login`, WANDB_API_KEY) falls back to offline with a warning.
+    """
+    mode = os.environ.get("WANDB_MODE") or ("online" if "WANDB_SWEEP_ID" in os.environ else "offline")
+    if mode in ("online", "run"):
+        import wandb
+
+        if not wandb.login(prompt=False, verify=False):
+            rank_zero_warn("WANDB_MODE=online, but W&B has no credentials (`wandb login` or WANDB_API_KEY): logging offline.")
+            return "offline"
+    return mode
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of `run_dir`: a sweep agent's WANDB_RUN_ID, else the one stored in the run directory, else a new one.
+
+    Global rank 0 stores it in `<run_dir>/wandb_run_id`, so a resumed or requeued run continues the same W&B run.
+    """
+    path = run_dir / WANDB_RUN_ID_FILE
+    run_id = os.environ.get("WANDB_RUN_ID") or (path.read_text().strip() if path.is_file() else secrets.token_hex(4))
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
 
 
 def resolve_run_dir(requested: Path, resume: str) -> Path:
     """The run directory: `requested`, or with ``resume=never`` the first of `requested`, -1, -2 ... without checkpoints.
 
-    The choice is made once, by the launching process, and handed to DDP workers through the environment.
+    The choice is made once, by the launching process, and handed to DDP workers through the environment. With
+    ``resume=never`` the directory is claimed by creating its `checkpoints/`, so parallel runs (sweep agents) never share one.
     """
     if RUN_DIR_ENV in os.environ:
         return Path(os.environ[RUN_DIR_ENV])
     run_dir = requested
     if resume == "never":
         number = 0
-        while (run_dir / "checkpoints").exists():
+        while not _claim(run_dir / "checkpoints"):
             number += 1
             run_dir = requested.with_name(f"{requested.name}-{number}")
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def _claim(directory: Path) -> bool:
+    """Creates `directory` (and its parents); False if it already existed."""
+    try:
+        directory.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    return True
 
 
 def resume_checkpoint(run_dir: Path, resume: str) -> str | None:
@@ -91,11 +160,21 @@ def resume_checkpoint(run_dir: Path, resume: str) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        candidates = [path for path in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if path.is_file()]
+        steps = {path: step for path in candidates if (step := _stored_global_step(path)) is not None}
+        return str(max(steps, key=lambda path: (steps[path], path.stat().st_mtime))) if steps else None
     if not Path(resume).is_file():
         raise FileNotFoundError(f"--resume {resume!r} is not a checkpoint file; use auto, never or the path of a .ckpt.")
     return resume
+
+
+def _stored_global_step(path: Path) -> int | None:
+    """The global step a checkpoint was saved at; None, with a warning, for a file cut short when its job was killed."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    except RuntimeError as error:
+        rank_zero_warn(f"Not resuming from {path}, which cannot be read (written when the run was killed?): {error}")
+        return None
 
 
 def main(args: list[str] | None = None) -> dict[str, float]:
@@ -108,8 +187,9 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             os.environ.pop(RUN_DIR_ENV, None)
 
 
-def _fit_and_test(args: list[str] | None) -> dict[str, float]:
-    cli = RobustCXRCLI(
+def build_cli(args: list[str] | None) -> RobustCXRCLI:
+    """Parses `args` (default: the command line) and instantiates the model, the DataModule and the Trainer."""
+    return RobustCXRCLI(
         L.LightningModule,
         ChestXRayDataModule,
         subclass_mode_model=True,
@@ -117,8 +197,13 @@ def _fit_and_test(args: list[str] | None) -> dict[str, float]:
         args=args,
         auto_configure_optimizers=False,
         seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveConfigToWandb,
+        save_config_kwargs={"overwrite": True},  # a resumed or requeued run rewrites its config.yaml
     )
+
+
+def _fit_and_test(args: list[str] | None) -> dict[str, float]:
+    cli = build_cli(args)
     run_dir = Path(cli.config.run_dir)
     ckpt_path = resume_checkpoint(run_dir, cli.config.resume)
     if ckpt_path:
@@ -130,6 +215,9 @@ def _fit_and_test(args: list[str] | None) -> dict[str, float]:
     if cli.trainer.is_global_zero:
         (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         rank_zero_info(f"Run directory: {run_dir.resolve()}")
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # a later run in this process starts its own W&B run
     return metrics
 
 

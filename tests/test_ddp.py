@@ -1,0 +1,63 @@
+"""The student config under 2-process CPU DDP (gloo), from the command line, against a 1-process run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO, run_train, shrink_config
+
+TRAIN_IMAGES, TEST_IMAGES = 420, 90  # the 70 % and 15 % splits of 600 phantoms
+
+
+@pytest.fixture(scope="module")
+def small_teacher_checkpoint(tmp_path_factory) -> str:
+    """best.ckpt of a teacher after one epoch: timm's tiny `test_resnet`, which trains in seconds at 32 px."""
+    directory = tmp_path_factory.mktemp("ddp_teacher")
+    config = shrink_config(CONFIGS / "teacher.yaml", directory, synthetic_samples=600)
+    run_train(config, directory / "run", "--trainer.max_epochs", "1", "--model.init_args.model_name", "test_resnet",
+              "--model.init_args.model_kwargs", "{}", "--model.init_args.lr", "2e-3", "--adversarial.test_max_batches", "1")
+    return str(directory / "run" / "checkpoints" / "best.ckpt")
+
+
+def train_student(run_dir: Path, teacher_checkpoint: str, *overrides: str) -> tuple[dict[str, float], list[dict]]:
+    """Runs `python train.py` on the tiny student config for one epoch; returns its test metrics and report rows."""
+    config = shrink_config(CONFIGS / "distill.yaml", run_dir.parent, synthetic_samples=600)
+    command = [sys.executable, "train.py", "--config", str(config), "--run_dir", str(run_dir), "--trainer.max_epochs", "1",
+               "--model.init_args.teacher_ckpt", teacher_checkpoint, "--trainer.accelerator", "cpu", *overrides]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((run_dir / "test_metrics.json").read_text()), json.loads((run_dir / "robustness_report.json").read_text())
+
+
+def exact_fields(row: dict) -> dict:
+    """A report row without its mean perturbation norm, a float sum whose rounding depends on the order of ranks."""
+    return {key: value for key, value in row.items() if key != "perturbation"}
+
+
+def test_student_metrics_under_two_process_ddp_match_one_process(small_teacher_checkpoint, tmp_path):
+    single, single_report = train_student(tmp_path / "one_process", small_teacher_checkpoint)
+    distributed, distributed_report = train_student(tmp_path / "two_processes", small_teacher_checkpoint,
+                                                    "--trainer.devices", "2", "--trainer.strategy", "ddp")
+
+    last = torch.load(tmp_path / "two_processes" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == (TRAIN_IMAGES // 2) // 32  # each of 2 ranks trained on its half
+    assert single.keys() == distributed.keys()
+    # The frozen teacher does not depend on training: the same images, each counted once, the same attack per image.
+    teacher_rows, distributed_teacher_rows = ([row for row in report if row["model"] == "teacher"] for report in (single_report, distributed_report))
+    assert [exact_fields(row) for row in teacher_rows] == [exact_fields(row) for row in distributed_teacher_rows]
+    for row, distributed_row in zip(teacher_rows, distributed_teacher_rows):
+        assert distributed_row["perturbation"] == pytest.approx(row["perturbation"], rel=1e-5)  # float sums in another order
+    assert all(row["n"] == TEST_IMAGES for row in teacher_rows)
+    assert any(row["attack_success"] for row in teacher_rows), "a teacher whose predictions no attack changes tests nothing"
+    # The student trained on other batches (two shards, DDP-averaged gradients, half the steps): its accuracies
+    # agree within counting noise, 3 standard errors of a proportion of 0.5 over the test images (0.158).
+    tolerance = 3 * math.sqrt(0.25 / TEST_IMAGES)
+    for name in ["test/acc", *[name for name in single if name.startswith("test/robust_acc/") and name.endswith("/student")]]:
+        assert distributed[name] == pytest.approx(single[name], abs=tolerance), name
