@@ -146,7 +146,7 @@ def load_classifier_module(
         raise ValueError(f"{path} was not written by a robust-cxr classifier stage (it has no 'module_class' entry).")
     module_path, class_name = checkpoint["module_class"].rsplit(".", 1)
     module_class = getattr(importlib.import_module(module_path), class_name)
-    module = module_class.load_from_checkpoint(path, map_location="cpu")
+    module = module_class.load_from_checkpoint(path, map_location="cpu", weights_only=False)  # our own files, with hyperparameter objects
     trained_names, trained_count = module.hparams.get("class_names"), module.hparams.num_classes
     if (num_classes is not None and trained_count != num_classes) or (class_names and trained_names and list(trained_names) != list(class_names)):
         raise ValueError(
