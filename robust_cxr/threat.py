@@ -30,8 +30,9 @@ class DefendedModel:
 
     @property
     def key(self) -> str:
-        """Identifier for metric names, e.g. ``teacher`` or ``teacher+purifier/ddim-10``."""
-        return self.model if self.defense == "none" else f"{self.model}+{self.defense}"
+        """Identifier for metric names, e.g. ``teacher`` or ``teacher+purifier``: the kind of defense without its
+        settings (``purifier/ddim-1@t100`` -> ``purifier``), so that a sweep over those settings names one metric."""
+        return self.model if self.defense == "none" else f"{self.model}+{self.defense.split('/')[0]}"
 
     def attack_source(self, threat_model: ThreatModel) -> nn.Module | None:
         """The module an attack of `threat_model` follows; None where that threat model does not

@@ -128,6 +128,8 @@ def test_purify_finetune_report_compares_the_three_pipelines_on_the_same_images(
         ("teacher_finetuned", defense, "pgd10_whitebox_eot2"),
     }
     assert set(table) == expected  # gray-box on the undefended teacher is white-box, so it is not repeated
+    metrics = chain["metrics"]["purify_finetune"]  # metric names carry the kind of defense, not its settings
+    assert "test/robust_acc/pgd10_graybox/teacher_finetuned+purifier" in metrics
     test_images = {row["n"] for key, row in table.items() if key[2] != "pgd10_whitebox_eot2"}
     assert len(test_images) == 1  # clean and gray-box rows cover the same images
     assert table[("teacher", defense, "pgd10_whitebox_eot2")]["n"] == 32  # max_batches: 1 batch of the tiny config

@@ -202,10 +202,11 @@ def test_a_purified_teacher_is_distilled_and_evaluated_white_box(teacher_ckpt, t
     assert student.teacher.purifier.label == "ddim-2@t20" and not student.teacher.purifier.differentiable
     assert all(not key.startswith("teacher") for key in student.state_dict())
     subjects = {subject.key: subject for subject in student.robustness_subjects()}
-    assert set(subjects) == {"student", "teacher", "teacher+purifier/ddim-2@t20"}
+    assert set(subjects) == {"student", "teacher", "teacher+purifier"}
+    assert subjects["teacher+purifier"].defense == "purifier/ddim-2@t20"
     assert subjects["student"].attack_source("transfer") is student.teacher_classifier
     assert subjects["teacher"].attack_source("transfer") is None
-    defended = subjects["teacher+purifier/ddim-2@t20"]
+    defended = subjects["teacher+purifier"]
     assert defended.attack_source("graybox") is student.teacher_classifier
     images = torch.rand(2, 1, 32, 32, requires_grad=True)
     (gradient,) = torch.autograd.grad(defended.attack_source("whitebox")(images).sum(), images)
