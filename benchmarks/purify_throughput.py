@@ -95,9 +95,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--t-star", type=int, default=100)
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[1, 2, 5, 10])
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale: 0 deterministic, 1 DDPM's posterior noise")
     parser.add_argument("--eps", type=float, default=0.03)
     parser.add_argument("--attack-steps", type=int, default=10)
-    parser.add_argument("--max-images", type=int, default=None, help="first N test images (default: all)")
+    parser.add_argument("--max-images", type=int, default=None, help="N test images drawn at random with --seed (default: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,12 +114,14 @@ def main() -> None:
     data.setup("test")
     test_set = data.datasets["test"]
     batch = next(iter(torch.utils.data.DataLoader(test_set, batch_size=len(test_set))))
-    images, labels = batch["image"][: args.max_images].to(device), batch["label"][: args.max_images].to(device)
+    # A random subset: folder test sets are ordered by class, so the first N images can all be one class.
+    chosen = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(args.seed))[: args.max_images]
+    images, labels, keys = batch["image"][chosen].to(device), batch["label"][chosen].to(device), batch["index"][chosen]
     attack = AttackSpec(method="pgd", eps=args.eps, steps=args.attack_steps)
     adversarial = torch.cat(
         [
             craft_adversarial(attack, classifier, x, y, num_classes=teacher.hparams.num_classes, keys=k, seed=args.seed)
-            for x, y, k in zip(images.split(args.batch_size), labels.split(args.batch_size), batch["index"][: len(images)].split(args.batch_size))
+            for x, y, k in zip(images.split(args.batch_size), labels.split(args.batch_size), keys.split(args.batch_size))
         ]
     )
     results = dict(
@@ -128,11 +131,11 @@ def main() -> None:
         teacher_graybox_acc=accuracy(classifier, adversarial, labels, args.batch_size),
         samplers=[],
     )
-    settings = [dict(method="ddpm")] + [dict(method="ddim", steps=k) for k in args.ddim_steps]
+    settings = [dict(method="ddpm")] + [dict(method="ddim", steps=k, eta=args.eta) for k in args.ddim_steps]
     for setting in settings:
         purifier = Purifier.from_pretrained(args.purifier_dir, t_star=args.t_star, **setting)
         purifier.unet.to(device)
-        purify_all(purifier, images[: args.batch_size], args.batch_size, args.seed)  # warm-up
+        purify_all(purifier, images[:8], args.batch_size, args.seed)  # warm-up: allocator and kernel selection
         with peak_memory_mb(device) as memory:
             purified_adversarial, seconds = purify_all(purifier, adversarial, args.batch_size, args.seed)
         purified_clean, _ = purify_all(purifier, images, args.batch_size, args.seed + 1)

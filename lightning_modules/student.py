@@ -34,8 +34,10 @@ class DistilledStudent(ImageClassifierModule):
         student_name: ``small_cnn`` (a `SmallCNN`, the default) or any timm model name.
         student_kwargs: ``widths`` for ``small_cnn``; extra timm arguments otherwise.
         teacher_ckpt: checkpoint of a classifier stage (the teacher, or a purify-then-fine-tune run).
-        teacher_purifier: a folder written by `Purifier.save_pretrained`; the student then distils the
-            defended pipeline, purifier then teacher. None distils the teacher alone.
+        purifier_dir: the purifier stage's export (a `Purifier.save_pretrained` folder) that defends the teacher:
+            the report and the cost table then add the teacher behind it. None leaves it out.
+        distill_purified: the teacher's soft targets come from purified images, so the student distils the
+            defended pipeline (purifier then teacher); needs `purifier_dir`. False distils the teacher alone.
         purifier_t_star, purifier_method, purifier_steps: the purifier's settings (see `Purifier`).
         temperature: softmax temperature T > 0 of the soft targets (``none`` and ``ard``; RSLAD uses 1).
         alpha: weight in [0, 1] of the teacher-matching term (on adversarial images for ard / rslad).
@@ -54,10 +56,11 @@ class DistilledStudent(ImageClassifierModule):
         student_name: str = "small_cnn",
         student_kwargs: dict[str, Any] | None = None,
         teacher_ckpt: str = "runs/teacher/checkpoints/best.ckpt",
-        teacher_purifier: str | None = None,
+        purifier_dir: str | None = "runs/purifier/export",
+        distill_purified: bool = False,
         purifier_t_star: int = 100,
         purifier_method: PurificationMethod = "ddim",
-        purifier_steps: int = 5,
+        purifier_steps: int = 1,
         temperature: float = 4.0,
         alpha: float = 0.9,
         robust_kd: Literal["none", "ard", "rslad"] = "none",
@@ -75,20 +78,25 @@ class DistilledStudent(ImageClassifierModule):
         self.model = create_student_classifier(student_name, num_classes, in_chans, image_size, **(student_kwargs or {}))
         teacher = load_classifier_module(teacher_ckpt, TEACHER_COMMAND, num_classes, class_names)
         _check_teacher_input(teacher.hparams, teacher_ckpt, in_chans, image_size)
-        if teacher_purifier is not None:
-            purifier = Purifier.from_pretrained(teacher_purifier, **self._purifier_settings())
-            self.register_frozen("teacher", PurifiedClassifier(purifier, teacher.model))
-        else:
-            self.register_frozen("teacher", teacher.model)
+        if distill_purified and purifier_dir is None:
+            raise ValueError("distill_purified=True needs purifier_dir, the purifier stage's export (runs/purifier/export).")
+        self.register_frozen("teacher", teacher.model)
+        if purifier_dir is not None:
+            self.register_frozen("purifier", Purifier.from_pretrained(purifier_dir, **self._purifier_settings()))
 
     def _purifier_settings(self) -> dict[str, Any]:
         hp = self.hparams
         return dict(t_star=hp.purifier_t_star, method=hp.purifier_method, steps=hp.purifier_steps)
 
     @property
-    def teacher_classifier(self) -> nn.Module:
-        """The teacher without its purifier: [0, 1] images (B, C, H, W) -> logits (B, K)."""
-        return self.teacher.classifier if self.hparams.teacher_purifier is not None else self.teacher
+    def defended_teacher(self) -> PurifiedClassifier:
+        """The purifier then the teacher, [0, 1] images (B, C, H, W) -> logits (B, K)."""
+        return PurifiedClassifier(self.purifier, self.teacher)
+
+    @property
+    def distilled(self) -> nn.Module:
+        """What the student learns to match: the teacher, or the purifier then the teacher (`distill_purified`)."""
+        return self.defended_teacher if self.hparams.distill_purified else self.teacher
 
     def on_fit_start(self) -> None:
         attacked = any(getattr(callback, "train_attack", None) is not None for callback in self.trainer.callbacks)
@@ -107,7 +115,7 @@ class DistilledStudent(ImageClassifierModule):
         """
         if self.hparams.robust_kd == "rslad":
             with torch.no_grad():
-                return self.teacher(images).softmax(dim=1), trades_kl_loss
+                return self.distilled(images).softmax(dim=1), trades_kl_loss
         return labels, None
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +124,7 @@ class DistilledStudent(ImageClassifierModule):
         images, labels = batch["image"], batch["label"]
         logits = self(images)
         with torch.no_grad():
-            teacher_logits = self.teacher(images)
+            teacher_logits = self.distilled(images)
         if hp.robust_kd == "none":
             return kd_loss(logits, teacher_logits, labels, hp.temperature, hp.alpha), logits
         # While the eps warmup holds the training eps at 0 the callback adds nothing: x' is then x.
@@ -126,25 +134,24 @@ class DistilledStudent(ImageClassifierModule):
         return rslad_loss(logits, adversarial_logits, teacher_logits, hp.alpha), logits
 
     def robustness_subjects(self) -> list[DefendedModel]:
-        """The student (white-box, and transfer from the teacher classifier), the teacher (white-box), and with a
-        purifier the teacher behind it, whose purifier lets gradients through for white-box attacks."""
-        teacher = self.teacher_classifier
+        """The student (white-box, and transfer from the teacher), the teacher (white-box), and with a purifier the
+        teacher behind it, gray-box only: white-box attacks through the purifier, with EOT, belong to the
+        purify-then-fine-tune report (configs/purify_finetune.yaml)."""
         subjects = [
-            DefendedModel(self.report_name, "none", self.model, self.model, transfer_source=teacher),
-            DefendedModel("teacher", "none", teacher, teacher),
+            DefendedModel(self.report_name, "none", self.model, self.model, transfer_source=self.teacher),
+            DefendedModel("teacher", "none", self.teacher, self.teacher),
         ]
-        if self.hparams.teacher_purifier is not None:
-            frozen = self.teacher.purifier
-            purifier = Purifier(frozen.unet, frozen.scheduler, differentiable=True, **self._purifier_settings())
-            subjects.append(DefendedModel("teacher", f"purifier/{purifier.label}", teacher, PurifiedClassifier(purifier, teacher)))
+        if self.hparams.purifier_dir is not None:
+            defense = f"purifier/{self.purifier.label}"
+            subjects.append(DefendedModel("teacher", defense, self.teacher, self.defended_teacher, threat_models=("graybox",)))
         return subjects
 
     def on_test_epoch_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        models = {self.report_name: self.model, "teacher": self.teacher_classifier}
-        if self.hparams.teacher_purifier is not None:
-            models[f"teacher+purifier/{self.teacher.purifier.label}"] = self.teacher
+        models = {self.report_name: self.model, "teacher": self.teacher}
+        if self.hparams.purifier_dir is not None:
+            models[f"teacher+purifier/{self.purifier.label}"] = self.defended_teacher
         image_shape = (self.hparams.in_chans, self.hparams.image_size, self.hparams.image_size)
         path = write_model_costs(model_costs(models, image_shape, self.device), self.trainer.default_root_dir, self.device)
         rank_zero_info(f"Model costs: {path}")

@@ -158,7 +158,8 @@ class Purifier(nn.Module):
             if not (directory / part).is_dir():
                 raise FileNotFoundError(
                     f"{directory / part} is missing: a purifier folder holds unet/ and scheduler/ as written by "
-                    "Purifier.save_pretrained (or by diffusers' save_pretrained of a UNet2DModel and a DDPMScheduler)."
+                    "Purifier.save_pretrained (or by diffusers' save_pretrained of a UNet2DModel and a DDPMScheduler). "
+                    "`python train.py --config configs/purifier.yaml` writes one to runs/purifier/export."
                 )
         unet = UNet2DModel.from_pretrained(directory / "unet")
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 from torch import nn
 
@@ -20,6 +21,9 @@ class DefendedModel:
         pipeline: defense then classifier, what is deployed and scored (the classifier itself
             when `defense` is ``none``).
         transfer_source: another model whose attacks are transferred (e.g. the teacher).
+        threat_models: the threat models it is attacked under; e.g. leave out ``whitebox`` where a stage
+            reports a purifier's white-box robustness elsewhere, since each white-box step runs the
+            reverse diffusion forward and backward.
     """
 
     model: str
@@ -27,6 +31,7 @@ class DefendedModel:
     classifier: nn.Module
     pipeline: nn.Module
     transfer_source: nn.Module | None = None
+    threat_models: tuple[ThreatModel, ...] = get_args(ThreatModel)
 
     @property
     def key(self) -> str:
@@ -36,7 +41,9 @@ class DefendedModel:
 
     def attack_source(self, threat_model: ThreatModel) -> nn.Module | None:
         """The module an attack of `threat_model` follows; None where that threat model does not
-        apply (gray-box on an undefended model is white-box; transfer needs a transfer source)."""
+        apply (gray-box on an undefended model is white-box; transfer needs a transfer source) or is not asked for."""
+        if threat_model not in self.threat_models:
+            return None
         if threat_model == "whitebox":
             return self.pipeline
         if threat_model == "graybox":

@@ -30,7 +30,8 @@ def train_student(run_dir: Path, teacher_checkpoint: str, *overrides: str) -> tu
     """Runs `python train.py` on the tiny student config for one epoch; returns its test metrics and report rows."""
     config = shrink_config(CONFIGS / "distill.yaml", run_dir.parent, synthetic_samples=600)
     command = [sys.executable, "train.py", "--config", str(config), "--run_dir", str(run_dir), "--trainer.max_epochs", "1",
-               "--model.init_args.teacher_ckpt", teacher_checkpoint, "--trainer.accelerator", "cpu", *overrides]
+               "--model.init_args.teacher_ckpt", teacher_checkpoint, "--model.init_args.purifier_dir", "null",
+               "--trainer.accelerator", "cpu", *overrides]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((run_dir / "test_metrics.json").read_text()), json.loads((run_dir / "robustness_report.json").read_text())

@@ -52,7 +52,7 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def _student(teacher_ckpt, **overrides) -> DistilledStudent:
-    settings = dict(num_classes=2, class_names=CLASS_NAMES, teacher_ckpt=str(teacher_ckpt), image_size=32)
+    settings = dict(num_classes=2, class_names=CLASS_NAMES, teacher_ckpt=str(teacher_ckpt), image_size=32, purifier_dir=None)
     return DistilledStudent(**{**settings, **overrides})
 
 
@@ -197,21 +197,34 @@ def _save_tiny_purifier(directory):
     return directory
 
 
-def test_a_purified_teacher_is_distilled_and_evaluated_white_box(teacher_ckpt, tmp_path):
-    student = _student(teacher_ckpt, teacher_purifier=str(_save_tiny_purifier(tmp_path / "purifier")), purifier_t_star=20, purifier_steps=2)
-    assert student.teacher.purifier.label == "ddim-2@t20" and not student.teacher.purifier.differentiable
-    assert all(not key.startswith("teacher") for key in student.state_dict())
+@pytest.mark.parametrize("distill_purified", [False, True])
+def test_the_teacher_behind_the_purifier_is_evaluated_gray_box_and_optionally_distilled(teacher_ckpt, tmp_path, distill_purified):
+    purifier_dir = str(_save_tiny_purifier(tmp_path / "purifier"))
+    student = _student(teacher_ckpt, purifier_dir=purifier_dir, distill_purified=distill_purified, purifier_t_star=20, purifier_steps=2)
+    assert student.purifier.label == "ddim-2@t20" and not student.purifier.differentiable
+    assert all(not key.startswith(("teacher", "purifier")) for key in student.state_dict())
     subjects = {subject.key: subject for subject in student.robustness_subjects()}
     assert set(subjects) == {"student", "teacher", "teacher+purifier"}
     assert subjects["teacher+purifier"].defense == "purifier/ddim-2@t20"
-    assert subjects["student"].attack_source("transfer") is student.teacher_classifier
+    assert subjects["student"].attack_source("transfer") is student.teacher
     assert subjects["teacher"].attack_source("transfer") is None
     defended = subjects["teacher+purifier"]
-    assert defended.attack_source("graybox") is student.teacher_classifier
-    images = torch.rand(2, 1, 32, 32, requires_grad=True)
-    (gradient,) = torch.autograd.grad(defended.attack_source("whitebox")(images).sum(), images)
-    assert gradient.abs().sum() > 0  # the white-box attack sees through the purifier
-    assert student.teacher(torch.rand(2, 1, 32, 32)).shape == (2, 2)
+    assert defended.attack_source("graybox") is student.teacher
+    assert defended.attack_source("whitebox") is None and defended.attack_source("transfer") is None
+    # The soft targets: the purified teacher's when distill_purified, the plain teacher's otherwise.
+    images = torch.rand(4, 1, 32, 32)
+    assert not torch.allclose(student.defended_teacher(images), student.teacher(images))
+    torch.manual_seed(0)
+    targets = student.distilled(images)
+    torch.manual_seed(0)  # the same diffusion noise
+    torch.testing.assert_close(targets, student.defended_teacher(images) if distill_purified else student.teacher(images))
+
+
+def test_purifier_settings_are_checked(teacher_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="distill_purified=True needs purifier_dir"):
+        _student(teacher_ckpt, distill_purified=True)
+    with pytest.raises(FileNotFoundError, match="configs/purifier.yaml"):
+        _student(teacher_ckpt, purifier_dir=str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -220,7 +233,7 @@ def test_the_student_trains_above_chance_through_train_py(teacher_run, tmp_path)
     run_dir = tmp_path / "run"
     teacher_ckpt = teacher_run / "checkpoints" / "best.ckpt"
     metrics = run_train(config, run_dir, "--trainer.max_epochs", "6", "--model.init_args.teacher_ckpt", str(teacher_ckpt),
-                        "--adversarial.test_max_batches", "1")
+                        "--model.init_args.purifier_dir", "null", "--adversarial.test_max_batches", "1")
     assert metrics["test/acc"] > 0.75
     report = {(row["model"], row["attack"]): row for row in json.loads((run_dir / "robustness_report.json").read_text())}
     assert report[("student", "pgd10_transfer")]["threat_model"] == "transfer"

@@ -14,8 +14,7 @@ import torch
 
 from conftest import CONFIGS, REPO, run_train, shrink_config
 
-# The stages that need no earlier stage; the purifier stages run chained in test_purifier_stages.py, the student
-# in test_student.py.
+# The stages that need no earlier stage; the later stages run chained in test_chain.py.
 TEACHER_CONFIGS = sorted(CONFIGS.glob("teacher*.yaml"))
 
 

@@ -1,4 +1,5 @@
-"""The purifier stage (DDPM training, EMA, export) and the purify-then-fine-tune stage, chained as in a fresh clone."""
+"""The whole chain as in a fresh clone (teacher, purifier, purify-then-fine-tune, student), each stage finding the
+previous ones by its config's defaults; the purifier stage (DDPM training, EMA, export) and purify-then-fine-tune."""
 
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> dict:
-    """Teacher, purifier and purify-then-fine-tune run in one working directory with their configs' default paths."""
+    """Teacher, purifier, purify-then-fine-tune and student run in one working directory with their configs' default paths."""
     directory = tmp_path_factory.mktemp("chain")
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.chdir(directory)
     try:
         metrics = {}
-        for stage, epochs in (("teacher", 4), ("purifier", 2), ("purify_finetune", 1)):
+        for stage, epochs in (("teacher", 4), ("purifier", 2), ("purify_finetune", 1), ("distill", 1)):
             config = shrink_config(CONFIGS / f"{stage}.yaml", directory, max_steps=2, synthetic_samples=320)
             # No --run_dir: each config's own run_dir, so each stage finds the previous one by its defaults.
             metrics[stage] = main(["--config", str(config), "--trainer.max_epochs", str(epochs)])
@@ -169,3 +170,17 @@ def test_purify_finetune_rejects_a_teacher_of_other_classes(chain):
             num_classes=3, teacher_ckpt=str(chain["runs"] / "teacher" / "checkpoints" / "best.ckpt"),
             purifier_dir=str(chain["runs"] / "purifier" / "export"),
         )
+
+
+def test_the_student_stage_finds_teacher_and_purifier_and_reports_the_defended_teacher(chain):
+    run = chain["runs"] / "student"
+    rows = json.loads((run / "robustness_report.json").read_text())
+    table = {(row["model"], row["defense"], row["attack"]): row for row in rows}
+    defense = "purifier/ddim-1@t100"
+    assert {("student", "none", "pgd10_transfer"), ("teacher", "none", "pgd10"), ("teacher", defense, "none"),
+            ("teacher", defense, "pgd10_graybox")} <= set(table)
+    assert ("teacher", defense, "pgd10") not in table  # white-box through the purifier: the purify_finetune report
+    costs = {row["model"]: row for row in json.loads((run / "model_costs.json").read_text())["models"]}
+    assert set(costs) == {"student", "teacher", f"teacher+purifier/{defense.split('/')[1]}"}
+    defended = costs[f"teacher+purifier/{defense.split('/')[1]}"]
+    assert defended["parameters"] > costs["teacher"]["parameters"] > costs["student"]["parameters"]
