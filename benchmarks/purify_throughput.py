@@ -1,10 +1,12 @@
 """Purification speed against the robustness it keeps: DDPM from t* (the reference) vs DDIM with k steps.
 
-For each sampler it reports images per second and peak memory of purification, and the accuracy of the
-teacher behind the purifier on clean test images and on gray-box PGD examples (crafted once on the
-undefended teacher and shared by every sampler), plus speed-ups and robust-accuracy gaps against DDPM.
+For each sampler (DDPM, then DDIM with each k of --ddim-steps and each n of --n-repeats purifications per
+image, logits averaged) it reports images per second and peak memory of the defended teacher (purifier then
+classifier), its accuracy on clean test images and on gray-box PGD examples (crafted once on the undefended
+teacher and shared by every sampler), and speed-ups and robust-accuracy gaps against DDPM.
 
     python benchmarks/purify_throughput.py --output benchmarks/results/purify_throughput_cpu.json
+    python benchmarks/purify_throughput.py --eta 1 --n-repeats 1 4 --max-images 128   # stochastic DDIM, averaged
     python benchmarks/purify_throughput.py --data-source folder --data-root ../shared/data/chest_xray_pneumonia_128 \
         --teacher-ckpt runs/pneumonia/teacher/checkpoints/best.ckpt --purifier-dir runs/pneumonia/purifier/export
 """
@@ -28,7 +30,7 @@ import torch  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
 from lightning_modules.classifier import load_classifier_module  # noqa: E402
 from robust_cxr.attacks import AttackSpec, craft_adversarial  # noqa: E402
-from robust_cxr.purification import Purifier  # noqa: E402
+from robust_cxr.purification import PurifiedClassifier, Purifier  # noqa: E402
 
 
 @contextmanager
@@ -68,22 +70,17 @@ def peak_memory_mb(device: torch.device) -> Iterator[dict]:
 
 
 @torch.no_grad()
-def accuracy(classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    """Top-1 accuracy of `classifier` on images (N, C, H, W) in [0, 1]."""
-    predictions = torch.cat([classifier(batch).argmax(dim=1) for batch in images.split(batch_size)])
-    return (predictions == labels).float().mean().item()
-
-
-def purify_all(purifier: Purifier, images: torch.Tensor, batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
-    """Purified images (N, C, H, W) in [0, 1] and the seconds purification took."""
-    generator = torch.Generator(images.device).manual_seed(seed)
+def timed_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> tuple[float, float]:
+    """Top-1 accuracy of `model` on images (N, C, H, W) in [0, 1] with labels (N,), and the seconds it took;
+    the global RNG (the purifier's noise) is seeded with `seed` first."""
+    torch.manual_seed(seed)
     if images.is_cuda:
         torch.cuda.synchronize(images.device)
     start = time.perf_counter()
-    purified = torch.cat([purifier(batch, generator=generator) for batch in images.split(batch_size)])
+    predictions = torch.cat([model(batch).argmax(dim=1) for batch in images.split(batch_size)])
     if images.is_cuda:
         torch.cuda.synchronize(images.device)
-    return purified, time.perf_counter() - start
+    return (predictions == labels).float().mean().item(), time.perf_counter() - start
 
 
 def main() -> None:
@@ -96,6 +93,7 @@ def main() -> None:
     parser.add_argument("--t-star", type=int, default=100)
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale: 0 deterministic, 1 DDPM's posterior noise")
+    parser.add_argument("--n-repeats", type=int, nargs="+", default=[1], help="DDIM purifications per image, logits averaged")
     parser.add_argument("--eps", type=float, default=0.03)
     parser.add_argument("--attack-steps", type=int, default=10)
     parser.add_argument("--max-images", type=int, default=None, help="N test images drawn at random with --seed (default: all)")
@@ -127,23 +125,23 @@ def main() -> None:
     results = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         torch=torch.__version__, images=len(images), t_star=args.t_star, attack=f"graybox pgd{args.attack_steps} eps {args.eps}",
-        teacher_clean_acc=accuracy(classifier, images, labels, args.batch_size),
-        teacher_graybox_acc=accuracy(classifier, adversarial, labels, args.batch_size),
+        teacher_clean_acc=timed_accuracy(classifier, images, labels, args.batch_size, args.seed)[0],
+        teacher_graybox_acc=timed_accuracy(classifier, adversarial, labels, args.batch_size, args.seed)[0],
         samplers=[],
     )
-    settings = [dict(method="ddpm")] + [dict(method="ddim", steps=k, eta=args.eta) for k in args.ddim_steps]
-    for setting in settings:
+    settings = [(dict(method="ddpm"), 1)] + [(dict(method="ddim", steps=k, eta=args.eta), n) for k in args.ddim_steps for n in args.n_repeats]
+    for setting, repeats in settings:
         purifier = Purifier.from_pretrained(args.purifier_dir, t_star=args.t_star, **setting)
-        purifier.unet.to(device)
-        purify_all(purifier, images[:8], args.batch_size, args.seed)  # warm-up: allocator and kernel selection
+        defended = PurifiedClassifier(purifier, classifier, n_repeats=repeats).to(device)
+        timed_accuracy(defended, images[:8], labels[:8], args.batch_size, args.seed)  # warm-up: allocator and kernel selection
         with peak_memory_mb(device) as memory:
-            purified_adversarial, seconds = purify_all(purifier, adversarial, args.batch_size, args.seed)
-        purified_clean, _ = purify_all(purifier, images, args.batch_size, args.seed + 1)
+            graybox_robust_acc, seconds = timed_accuracy(defended, adversarial, labels, args.batch_size, args.seed)
         row = dict(
-            sampler=purifier.label, unet_calls_per_image=args.t_star if setting["method"] == "ddpm" else setting["steps"],
+            sampler=purifier.label, n_repeats=repeats,
+            unet_calls_per_image=repeats * (args.t_star if setting["method"] == "ddpm" else setting["steps"]),
             images_per_s=len(images) / seconds, peak_memory_mb=memory["peak_mb"],
-            clean_acc=accuracy(classifier, purified_clean, labels, args.batch_size),
-            graybox_robust_acc=accuracy(classifier, purified_adversarial, labels, args.batch_size),
+            clean_acc=timed_accuracy(defended, images, labels, args.batch_size, args.seed + 1)[0],
+            graybox_robust_acc=graybox_robust_acc,
         )
         results["samplers"].append(row)
         print(json.dumps(row), flush=True)
