@@ -17,10 +17,11 @@ TRAIN_IMAGES, TEST_IMAGES = 420, 90  # the 70 % and 15 % splits of 600 phantoms
 
 @pytest.fixture(scope="module")
 def small_teacher_checkpoint(tmp_path_factory) -> str:
-    """best.ckpt of a teacher after one epoch: timm's tiny `test_resnet`, which trains in seconds at 32 px."""
+    """best.ckpt of a teacher after three epochs: timm's tiny `test_resnet`, which trains in seconds at 32 px. (After
+    one epoch it sometimes still predicted one class, which no attack can change.)"""
     directory = tmp_path_factory.mktemp("ddp_teacher")
     config = shrink_config(CONFIGS / "teacher.yaml", directory, synthetic_samples=600)
-    run_train(config, directory / "run", "--trainer.max_epochs", "1", "--model.init_args.model_name", "test_resnet",
+    run_train(config, directory / "run", "--trainer.max_epochs", "3", "--model.init_args.model_name", "test_resnet",
               "--model.init_args.model_kwargs", "{}", "--model.init_args.lr", "2e-3", "--adversarial.test_max_batches", "1")
     return str(directory / "run" / "checkpoints" / "best.ckpt")
 

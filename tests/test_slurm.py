@@ -108,12 +108,12 @@ def test_sigusr1_requeues_the_sbatch_job_which_resumes_mid_epoch(tmp_path):
         scontrol='echo "$@" >> "$SCONTROL_LOG"\nkill -TERM "$PPID"',  # records, then ends the job as SLURM does on requeue
     )
     environment.update(slurm_environment(nodes=1, tasks_per_node=1, global_rank=0, node_list="localhost"), SLURM_SUBMIT_DIR=str(REPO),
-                       CONFIG=str(shrink_config(CONFIGS / "teacher.yaml", tmp_path, synthetic_samples=600)), RUN_DIR=str(run_dir),
+                       CONFIG=str(shrink_config(CONFIGS / "teacher.yaml", tmp_path, synthetic_samples=1200)), RUN_DIR=str(run_dir),
                        SCONTROL_LOG=str(scontrol_log))
     # The batch script as SLURM runs it, on the CPU; a requeued job runs it again with the same job id.
     command = ["bash", "slurm/train_single_node.sbatch", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2",
                "--trainer.enable_progress_bar", "true", "--adversarial.test_max_batches", "1"]
-    steps_per_epoch = 420 // 32  # full batches of the 70 % training split
+    steps_per_epoch = 840 // 32  # full batches of the 70 % training split: long enough that SIGUSR1 lands inside epoch 1
 
     job = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run_dir / "checkpoints" / "last.ckpt"
