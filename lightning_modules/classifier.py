@@ -130,6 +130,9 @@ class ImageClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+TEACHER_COMMAND = "python train.py --config configs/teacher.yaml"  # what writes runs/teacher/checkpoints/best.ckpt
+
+
 def load_classifier_module(
     checkpoint_path: str | Path, made_by: str, num_classes: int | None = None, class_names: list[str] | None = None
 ) -> ImageClassifierModule:

@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from lightning_modules.classifier import ImageClassifierModule, load_classifier_module
+from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier_module
 from robust_cxr.purification import PurificationMethod, PurifiedClassifier, Purifier
 from robust_cxr.threat import DefendedModel
 
@@ -54,7 +54,7 @@ class PurifyThenFinetune(ImageClassifierModule):
     ):
         super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing)
         self.save_hyperparameters()
-        teacher = load_classifier_module(teacher_ckpt, "python train.py --config configs/teacher.yaml", num_classes, class_names)
+        teacher = load_classifier_module(teacher_ckpt, TEACHER_COMMAND, num_classes, class_names)
         if train_t_star_range is not None and not 0 < train_t_star_range[0] <= train_t_star_range[1]:
             raise ValueError(f"train_t_star_range must be [low, high] with 0 < low <= high, got {train_t_star_range}.")
         purifier = Purifier.from_pretrained(purifier_dir, t_star=t_star, method=method, steps=steps, eta=eta, differentiable=True)

@@ -8,15 +8,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_modules.classifier import ImageClassifierModule, load_classifier_module
+from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier_module
 from robust_cxr.attacks import LossFn, trades_kl_loss
 from robust_cxr.costs import model_costs, write_model_costs
 from robust_cxr.distillation import ard_loss, check_distillation_settings, kd_loss, rslad_loss
 from robust_cxr.models import create_student_classifier
 from robust_cxr.purification import PurificationMethod, PurifiedClassifier, Purifier
 from robust_cxr.threat import DefendedModel
-
-TEACHER_COMMAND = "python train.py --config configs/teacher.yaml"
 
 
 class DistilledStudent(ImageClassifierModule):
