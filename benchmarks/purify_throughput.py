@@ -2,8 +2,9 @@
 
 For each sampler (DDPM, then DDIM with each k of --ddim-steps and each n of --n-repeats purifications per
 image, logits averaged) it reports images per second and peak memory of the defended teacher (purifier then
-classifier), its accuracy on clean test images and on gray-box PGD examples (crafted once on the undefended
-teacher and shared by every sampler), and speed-ups and robust-accuracy gaps against DDPM.
+classifier, the UNet always on batches of --batch-size images), its accuracy on clean test images and on
+gray-box PGD examples (crafted once on the undefended teacher and shared by every sampler), and speed-ups and
+robust-accuracy gaps against DDPM, each gap with its standard error over the paired test images.
 
     python benchmarks/purify_throughput.py --output benchmarks/results/purify_throughput_cpu.json
     python benchmarks/purify_throughput.py --eta 1 --n-repeats 1 4 --max-images 128   # stochastic DDIM, averaged
@@ -70,9 +71,9 @@ def peak_memory_mb(device: torch.device) -> Iterator[dict]:
 
 
 @torch.no_grad()
-def timed_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> tuple[float, float]:
-    """Top-1 accuracy of `model` on images (N, C, H, W) in [0, 1] with labels (N,), and the seconds it took;
-    the global RNG (the purifier's noise) is seeded with `seed` first."""
+def timed_correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
+    """Per-image top-1 correctness (N,) bool of `model` on images (N, C, H, W) in [0, 1] with labels (N,), and
+    the seconds it took; the global RNG (the purifier's noise) is seeded with `seed` first."""
     torch.manual_seed(seed)
     if images.is_cuda:
         torch.cuda.synchronize(images.device)
@@ -80,7 +81,14 @@ def timed_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     predictions = torch.cat([model(batch).argmax(dim=1) for batch in images.split(batch_size)])
     if images.is_cuda:
         torch.cuda.synchronize(images.device)
-    return (predictions == labels).float().mean().item(), time.perf_counter() - start
+    return predictions == labels, time.perf_counter() - start
+
+
+def paired_gap(correct: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Accuracy difference of two (N,) bool correctness vectors on the same images, and its standard error
+    (per-image differences; it covers both the choice of test images and both purifiers' noise)."""
+    difference = correct.float() - reference.float()
+    return difference.mean().item(), (difference.std() / len(difference) ** 0.5).item()
 
 
 def main() -> None:
@@ -122,33 +130,41 @@ def main() -> None:
             for x, y, k in zip(images.split(args.batch_size), labels.split(args.batch_size), keys.split(args.batch_size))
         ]
     )
+
+    def accuracy(model: torch.nn.Module, inputs: torch.Tensor) -> float:
+        return timed_correct(model, inputs, labels, args.batch_size, args.seed)[0].float().mean().item()
+
     results = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         torch=torch.__version__, images=len(images), t_star=args.t_star, attack=f"graybox pgd{args.attack_steps} eps {args.eps}",
-        teacher_clean_acc=timed_accuracy(classifier, images, labels, args.batch_size, args.seed)[0],
-        teacher_graybox_acc=timed_accuracy(classifier, adversarial, labels, args.batch_size, args.seed)[0],
+        purifier_batch=args.batch_size, teacher_clean_acc=accuracy(classifier, images), teacher_graybox_acc=accuracy(classifier, adversarial),
         samplers=[],
     )
     settings = [(dict(method="ddpm"), 1)] + [(dict(method="ddim", steps=k, eta=args.eta), n) for k in args.ddim_steps for n in args.n_repeats]
+    reference_correct = None
     for setting, repeats in settings:
         purifier = Purifier.from_pretrained(args.purifier_dir, t_star=args.t_star, **setting)
         defended = PurifiedClassifier(purifier, classifier, n_repeats=repeats).to(device)
-        timed_accuracy(defended, images[:8], labels[:8], args.batch_size, args.seed)  # warm-up: allocator and kernel selection
+        # The repeats of an image share the purifier's batch, so every row runs the UNet on batches of --batch-size.
+        batch_size = max(1, args.batch_size // repeats)
+        timed_correct(defended, images[:8], labels[:8], batch_size, args.seed)  # warm-up: allocator and kernel selection
         with peak_memory_mb(device) as memory:
-            graybox_robust_acc, seconds = timed_accuracy(defended, adversarial, labels, args.batch_size, args.seed)
+            robust_correct, seconds = timed_correct(defended, adversarial, labels, batch_size, args.seed)
+        reference_correct = robust_correct if reference_correct is None else reference_correct
+        gap, gap_se = paired_gap(robust_correct, reference_correct)
         row = dict(
             sampler=purifier.label, n_repeats=repeats,
             unet_calls_per_image=repeats * (args.t_star if setting["method"] == "ddpm" else setting["steps"]),
             images_per_s=len(images) / seconds, peak_memory_mb=memory["peak_mb"],
-            clean_acc=timed_accuracy(defended, images, labels, args.batch_size, args.seed + 1)[0],
-            graybox_robust_acc=graybox_robust_acc,
+            clean_acc=timed_correct(defended, images, labels, batch_size, args.seed + 1)[0].float().mean().item(),
+            graybox_robust_acc=robust_correct.float().mean().item(),
+            robust_acc_gap_vs_ddpm=gap, robust_acc_gap_se=gap_se,
         )
         results["samplers"].append(row)
         print(json.dumps(row), flush=True)
     reference = results["samplers"][0]
     for row in results["samplers"]:
         row["speedup_vs_ddpm"] = row["images_per_s"] / reference["images_per_s"]
-        row["robust_acc_gap_vs_ddpm"] = row["graybox_robust_acc"] - reference["graybox_robust_acc"]
     text = json.dumps(results, indent=2)
     print(text)
     if args.output:

@@ -13,7 +13,8 @@ How it plugs in:
   beside its clean images.
 - Evaluation: after each validation / test batch the callback attacks the module's
   `robustness_subjects()` on that rank's batch (under `enable_grad` and outside inference mode),
-  accumulates `RobustnessCounts` metrics synced over ranks, logs
+  each subject under the same seed (so stochastic purifiers draw the same noise for every subject and
+  the report's rows pair image by image), accumulates `RobustnessCounts` metrics synced over ranks, logs
   ``{val,test}/robust_acc/<attack>`` (plus ``attack_success`` and ``perturbation``) and at test
   end writes `robustness_report.{json,md}` and `adversarial_examples.png` to the trainer's
   `default_root_dir` (the run directory).
@@ -22,8 +23,10 @@ Attacks never write parameter `.grad` (see `robust_cxr.attacks.attacking`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -199,29 +202,34 @@ class AdversarialExampleCallback(Callback):
         # The grid shows the first defended subject (with its purified images) when there is one.
         grid_subject = next((s for s in self._subjects if isinstance(s.pipeline, PurifiedClassifier)), self._subjects[0])
         for subject in self._subjects:
-            clean_predictions = _predict(subject.pipeline, images, dtype)
-            clean_correct = clean_predictions == labels
-            self._counts[(subject.key, "none")].update(clean_correct, clean_correct, torch.zeros_like(labels, dtype=torch.float))
-            for spec in self.attacks:
-                source = subject.attack_source(spec.threat_model)
-                if source is None or (spec.max_batches is not None and batch_idx >= spec.max_batches):
-                    continue
-                adversarial = craft_adversarial(
-                    spec, source, images, labels, num_classes=pl_module.hparams.num_classes, keys=keys, seed=self.seed, autocast_dtype=dtype
+            with _seeded_global_rng(self.seed + _RANK_SEED_STRIDE * trainer.global_rank + batch_idx, images.device):
+                self._evaluate_subject(subject, pl_module, images, labels, keys, batch_idx, dtype, capture_grid and subject is grid_subject)
+
+    def _evaluate_subject(self, subject: DefendedModel, pl_module: L.LightningModule, images: torch.Tensor, labels: torch.Tensor,
+                          keys: torch.Tensor | None, batch_idx: int, dtype: torch.dtype | None, capture_grid: bool) -> None:
+        clean_predictions = _predict(subject.pipeline, images, dtype)
+        clean_correct = clean_predictions == labels
+        self._counts[(subject.key, "none")].update(clean_correct, clean_correct, torch.zeros_like(labels, dtype=torch.float))
+        for spec in self.attacks:
+            source = subject.attack_source(spec.threat_model)
+            if source is None or (spec.max_batches is not None and batch_idx >= spec.max_batches):
+                continue
+            adversarial = craft_adversarial(
+                spec, source, images, labels, num_classes=pl_module.hparams.num_classes, keys=keys, seed=self.seed, autocast_dtype=dtype
+            )
+            adversarial_predictions = _predict(subject.pipeline, adversarial, dtype)
+            norms = perturbation_norm(adversarial, images, spec.norm)
+            self._counts[(subject.key, spec.label)].update(clean_correct, adversarial_predictions == labels, norms)
+            if capture_grid and self._grid is None:
+                n = self.grid_images
+                purified = None
+                if isinstance(subject.pipeline, PurifiedClassifier):
+                    with torch.no_grad():
+                        purified = subject.pipeline.purifier(adversarial[:n])
+                self._grid = dict(
+                    clean=images[:n], adversarial=adversarial[:n], labels=labels[:n], clean_predictions=clean_predictions[:n],
+                    adversarial_predictions=adversarial_predictions[:n], eps=spec.eps, purified=purified,
                 )
-                adversarial_predictions = _predict(subject.pipeline, adversarial, dtype)
-                norms = perturbation_norm(adversarial, images, spec.norm)
-                self._counts[(subject.key, spec.label)].update(clean_correct, adversarial_predictions == labels, norms)
-                if capture_grid and self._grid is None and subject is grid_subject:
-                    n = self.grid_images
-                    purified = None
-                    if isinstance(subject.pipeline, PurifiedClassifier):
-                        with torch.no_grad():
-                            purified = subject.pipeline.purifier(adversarial[:n])
-                    self._grid = dict(
-                        clean=images[:n], adversarial=adversarial[:n], labels=labels[:n], clean_predictions=clean_predictions[:n],
-                        adversarial_predictions=adversarial_predictions[:n], eps=spec.eps, purified=purified,
-                    )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_results("val", pl_module)
@@ -288,6 +296,20 @@ def _batch_hook_owner(trainer: L.Trainer, pl_module: L.LightningModule) -> L.Lig
     if datamodule is not None and (is_overridden(hook, datamodule) or not is_overridden(hook, pl_module)):
         return datamodule
     return pl_module
+
+
+_RANK_SEED_STRIDE = 1_000_003  # ranks' evaluation seeds stay apart for any number of batches below it
+
+
+@contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Runs the block on the global RNGs (CPU, and `device` when CUDA) seeded with `seed`, then restores their state.
+
+    Each subject of a batch is scored under the same seed, so stochastic purifiers draw the same noise for every
+    subject and report rows compare image by image; the training RNG stream is left where it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _attack_dtype(trainer: L.Trainer) -> torch.dtype | None:

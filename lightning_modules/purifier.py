@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_modules.classifier import warmup_cosine
-from robust_cxr.purification import PurificationMethod, Purifier
+from robust_cxr.purification import PurificationMethod, Purifier, load_unet
 
 DEFAULT_UNET = dict(
     block_out_channels=(16, 32, 64),
@@ -179,7 +179,7 @@ def _load_pretrained(directory: Path, in_chans: int, schedule: dict[str, Any]) -
             f"{directory} is not a diffusers model folder (no config.json in it or in unet/). Point --model.init_args.pretrained "
             "at a folder written by save_pretrained, e.g. runs/purifier/export from `python train.py --config configs/purifier.yaml`."
         )
-    unet = UNet2DModel.from_pretrained(unet_directory)
+    unet = load_unet(unet_directory)
     if unet.config.in_channels != in_chans:
         raise ValueError(
             f"The UNet in {unet_directory} takes {unet.config.in_channels} channels but the data have {in_chans}; "

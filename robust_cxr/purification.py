@@ -17,6 +17,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.utils import is_accelerate_available
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -161,7 +162,7 @@ class Purifier(nn.Module):
                     "Purifier.save_pretrained (or by diffusers' save_pretrained of a UNet2DModel and a DDPMScheduler). "
                     "`python train.py --config configs/purifier.yaml` writes one to runs/purifier/export."
                 )
-        unet = UNet2DModel.from_pretrained(directory / "unet")
+        unet = load_unet(directory / "unet")
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
         return cls(unet.eval(), scheduler, **settings)
 
@@ -170,6 +171,12 @@ class Purifier(nn.Module):
         directory = Path(directory)
         self.unet.save_pretrained(directory / "unet")
         self.scheduler.save_pretrained(directory / "scheduler")
+
+
+def load_unet(directory: str | Path) -> UNet2DModel:
+    """`UNet2DModel.from_pretrained(directory)`, with accelerate's low-memory loading only where it is installed
+    (diffusers would otherwise warn on every load)."""
+    return UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=is_accelerate_available())
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

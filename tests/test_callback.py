@@ -9,14 +9,17 @@ import sys
 import lightning as L
 import pytest
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from callbacks import AdversarialExampleCallback
-from conftest import CONFIGS, REPO, TINY_VIT, shrink_config
+from conftest import CONFIGS, REPO, TINY_UNET, TINY_VIT, shrink_config
 from datamodules import Augmentation, ChestXRayDataModule
 from lightning_modules import TeacherClassifier
 from robust_cxr.attacks import AttackSpec
+from robust_cxr.purification import PurifiedClassifier, Purifier
+from robust_cxr.threat import DefendedModel
 
 EPS = 0.03
 EVAL_ATTACKS = [AttackSpec(method="fgsm", eps=EPS), AttackSpec(method="pgd", eps=EPS, steps=5)]
@@ -232,3 +235,26 @@ def test_adversarial_training_under_two_process_ddp(tmp_path):
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == (168 // 2) // 32  # each of 2 ranks trains on half of the 168 training images
     assert len(json.loads((run_dir / "robustness_report.json").read_text())) == 5  # clean + 4 attacks
+
+
+def test_subjects_are_scored_on_the_same_purification_noise(tmp_path):
+    """Rows of a report pair image by image: every subject sees the same purifier noise, and so does every re-run."""
+    torch.manual_seed(0)
+    model = _tiny_teacher()
+    noise_sensitive = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 64, 2))  # its argmax flips with the noise
+    unet = UNet2DModel(sample_size=64, in_channels=1, out_channels=1, **TINY_UNET)
+    purifier = Purifier(unet, DDPMScheduler(), t_star=999, method="ddim", steps=2, eta=1.0)  # output: mostly fresh noise
+    pipeline = PurifiedClassifier(purifier, noise_sensitive)
+    model.robustness_subjects = lambda: [DefendedModel(name, "purifier/noisy", noise_sensitive, pipeline) for name in ("first", "second")]
+    attacks = [AttackSpec(method="pgd", eps=EPS, steps=2, threat_model="graybox")]
+    runs = []
+    for _ in range(2):
+        trainer = _trainer(tmp_path, [AdversarialExampleCallback(attacks=attacks)])
+        metrics = trainer.test(model, datamodule=_datamodule(synthetic_samples=800), verbose=False)[0]
+        rows = json.loads((tmp_path / "robustness_report.json").read_text())
+        accuracy = {(row["model"], row["attack"]): row["accuracy"] for row in rows}
+        for attack in ("none", "pgd2"):
+            assert accuracy[("first", attack)] == accuracy[("second", attack)], attack
+        assert 0.3 < accuracy[("first", "none")] < 0.7  # predictions do follow the noise
+        runs.append(metrics)
+    assert runs[0] == runs[1]
