@@ -7,7 +7,7 @@ gray-box PGD examples (crafted once on the undefended teacher and shared by ever
 robust-accuracy gaps against DDPM, each gap with its standard error over the paired test images.
 
     python benchmarks/purify_throughput.py --output benchmarks/results/purify_throughput_cpu.json
-    python benchmarks/purify_throughput.py --eta 1 --n-repeats 1 4 --max-images 128   # stochastic DDIM, averaged
+    python benchmarks/purify_throughput.py --eta 1 --n-repeats 1 2 --max-images 128   # stochastic DDIM, averaged
     python benchmarks/purify_throughput.py --data-source folder --data-root ../shared/data/chest_xray_pneumonia_128 \
         --teacher-ckpt runs/pneumonia/teacher/checkpoints/best.ckpt --purifier-dir runs/pneumonia/purifier/export
 """
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.03)
     parser.add_argument("--attack-steps", type=int, default=10)
     parser.add_argument("--max-images", type=int, default=None, help="N test images drawn at random with --seed (default: all)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per UNet call: n repeats of batch-size // n images")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)

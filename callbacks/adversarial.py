@@ -207,6 +207,8 @@ class AdversarialExampleCallback(Callback):
 
     def _evaluate_subject(self, subject: DefendedModel, pl_module: L.LightningModule, images: torch.Tensor, labels: torch.Tensor,
                           keys: torch.Tensor | None, batch_idx: int, dtype: torch.dtype | None, capture_grid: bool) -> None:
+        """Counts one subject's clean and attacked predictions on a batch (images (B, C, H, W) in [0, 1]); with
+        `capture_grid`, keeps the first attack's images for the report's grid."""
         clean_predictions = _predict(subject.pipeline, images, dtype)
         clean_correct = clean_predictions == labels
         self._counts[(subject.key, "none")].update(clean_correct, clean_correct, torch.zeros_like(labels, dtype=torch.float))
