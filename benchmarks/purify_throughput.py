@@ -131,8 +131,8 @@ def main() -> None:
         ]
     )
 
-    def accuracy(model: torch.nn.Module, inputs: torch.Tensor) -> float:
-        return timed_correct(model, inputs, labels, args.batch_size, args.seed)[0].float().mean().item()
+    def accuracy(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int = args.batch_size, seed: int = args.seed) -> float:
+        return timed_correct(model, inputs, labels, batch_size, seed)[0].float().mean().item()
 
     results = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -156,7 +156,7 @@ def main() -> None:
             sampler=purifier.label, n_repeats=repeats,
             unet_calls_per_image=repeats * (args.t_star if setting["method"] == "ddpm" else setting["steps"]),
             images_per_s=len(images) / seconds, peak_memory_mb=memory["peak_mb"],
-            clean_acc=timed_correct(defended, images, labels, batch_size, args.seed + 1)[0].float().mean().item(),
+            clean_acc=accuracy(defended, images, batch_size, args.seed + 1),
             graybox_robust_acc=robust_correct.float().mean().item(),
             robust_acc_gap_vs_ddpm=gap, robust_acc_gap_se=gap_se,
         )
