@@ -23,7 +23,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would q
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn  # noqa: E402
@@ -33,6 +33,7 @@ from datamodules import ChestXRayDataModule  # noqa: E402
 
 RUN_DIR_ENV = "ROBUST_CXR_RUN_DIR"  # the resolved run directory, inherited by DDP worker processes
 WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run directory: one W&B run per run directory, across resumes and requeues
+RUN_IDENTITY_KEY = "run_identity"  # in every checkpoint: what model and data it belongs to
 
 
 class RobustCXRCLI(LightningCLI):
@@ -121,8 +122,9 @@ def wandb_run_id(run_dir: Path) -> str:
     Global rank 0 stores it in `<run_dir>/wandb_run_id`, so a resumed or requeued run continues the same W&B run.
     """
     path = run_dir / WANDB_RUN_ID_FILE
-    run_id = os.environ.get("WANDB_RUN_ID") or (path.read_text().strip() if path.is_file() else secrets.token_hex(4))
-    if rank_zero_only.rank == 0:
+    stored = path.read_text().strip() if path.is_file() else None
+    run_id = os.environ.get("WANDB_RUN_ID") or stored or secrets.token_hex(4)
+    if rank_zero_only.rank == 0 and run_id != stored:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
     return run_id
@@ -168,6 +170,46 @@ def resume_checkpoint(run_dir: Path, resume: str) -> str | None:
     return resume
 
 
+class RunIdentity(Callback):
+    """Stores `identity` (see `run_identity`) in every checkpoint, so that a resume can check it continues this run."""
+
+    def __init__(self, identity: dict):
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RUN_IDENTITY_KEY] = self.identity
+
+
+def run_identity(cli: LightningCLI) -> dict:
+    """What a run's checkpoints belong to: the model class and the data (source, root, seed and split, classes, size)."""
+    data = cli.datamodule.hparams
+    return dict(
+        model=f"{type(cli.model).__module__}.{type(cli.model).__qualname__}",
+        data_source=data.source,
+        data_root=str(Path(data.root).resolve()) if data.root else None,
+        data_seed=data.seed,
+        data_split=list(data.split),
+        synthetic_samples=data.synthetic_samples if data.source == "synthetic" else None,
+        class_names=list(cli.datamodule.class_names),
+        image_size=data.image_size,
+        channels=data.channels,
+    )
+
+
+def check_resumes_this_run(checkpoint_path: str, identity: dict) -> None:
+    """Raises ValueError when the checkpoint to resume from was written by a run of another model or other data."""
+    stored = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False).get(RUN_IDENTITY_KEY)
+    if stored is None:
+        rank_zero_warn(f"{checkpoint_path} predates run identities: not checking that it belongs to this run's model and data.")
+        return
+    differences = [f"{key}: {stored.get(key)!r} in the checkpoint, {value!r} in this run" for key, value in identity.items() if stored.get(key) != value]
+    if differences:
+        raise ValueError(
+            f"Not resuming from {checkpoint_path}: it belongs to another run (" + "; ".join(differences) + "). Its run directory "
+            "is left as it is. Start a fresh run with --resume never (a new numbered run directory beside it) or another --run_dir."
+        )
+
+
 def _stored_global_step(path: Path) -> int | None:
     """The global step a checkpoint was saved at; None, with a warning, for a file cut short when its job was killed."""
     try:
@@ -206,8 +248,11 @@ def _fit_and_test(args: list[str] | None) -> dict[str, float]:
     cli = build_cli(args)
     run_dir = Path(cli.config.run_dir)
     ckpt_path = resume_checkpoint(run_dir, cli.config.resume)
+    identity = run_identity(cli)
     if ckpt_path:
+        check_resumes_this_run(ckpt_path, identity)
         rank_zero_info(f"Resuming from {ckpt_path}")
+    cli.trainer.callbacks.append(RunIdentity(identity))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)

@@ -131,14 +131,16 @@ def main() -> None:
         ]
     )
 
-    def accuracy(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int = args.batch_size, seed: int = args.seed) -> float:
-        return timed_correct(model, inputs, labels, batch_size, seed)[0].float().mean().item()
+    def correct(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int = args.batch_size) -> torch.Tensor:
+        return timed_correct(model, inputs, labels, batch_size, args.seed)[0]
 
+    teacher_clean = correct(classifier, images)
     results = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         torch=torch.__version__, images=len(images), t_star=args.t_star, attack=f"graybox pgd{args.attack_steps} eps {args.eps}",
-        purifier_batch=args.batch_size, teacher_clean_acc=accuracy(classifier, images), teacher_graybox_acc=accuracy(classifier, adversarial),
-        samplers=[],
+        robust="right both clean and attacked, clean and attacked images purified with the same noise",
+        purifier_batch=args.batch_size, teacher_clean_acc=teacher_clean.float().mean().item(),
+        teacher_graybox_acc=(teacher_clean & correct(classifier, adversarial)).float().mean().item(), samplers=[],
     )
     settings = [(dict(method="ddpm"), 1)] + [(dict(method="ddim", steps=k, eta=args.eta), n) for k in args.ddim_steps for n in args.n_repeats]
     reference_correct = None
@@ -149,14 +151,16 @@ def main() -> None:
         batch_size = max(1, args.batch_size // repeats)
         timed_correct(defended, images[:8], labels[:8], batch_size, args.seed)  # warm-up: allocator and kernel selection
         with peak_memory_mb(device) as memory:
-            robust_correct, seconds = timed_correct(defended, adversarial, labels, batch_size, args.seed)
+            adversarial_correct, seconds = timed_correct(defended, adversarial, labels, batch_size, args.seed)
+        clean_correct = correct(defended, images, batch_size)
+        robust_correct = clean_correct & adversarial_correct
         reference_correct = robust_correct if reference_correct is None else reference_correct
         gap, gap_se = paired_gap(robust_correct, reference_correct)
         row = dict(
             sampler=purifier.label, n_repeats=repeats,
             unet_calls_per_image=repeats * (args.t_star if setting["method"] == "ddpm" else setting["steps"]),
             images_per_s=len(images) / seconds, peak_memory_mb=memory["peak_mb"],
-            clean_acc=accuracy(defended, images, batch_size, args.seed + 1),
+            clean_acc=clean_correct.float().mean().item(),
             graybox_robust_acc=robust_correct.float().mean().item(),
             robust_acc_gap_vs_ddpm=gap, robust_acc_gap_se=gap_se,
         )

@@ -13,16 +13,17 @@ How it plugs in:
   beside its clean images.
 - Evaluation: after each validation / test batch the callback attacks the module's
   `robustness_subjects()` on that rank's batch (under `enable_grad` and outside inference mode),
-  each subject under the same seed (so stochastic purifiers draw the same noise for every subject and
-  the report's rows pair image by image), accumulates `RobustnessCounts` metrics synced over ranks, logs
-  ``{val,test}/robust_acc/<attack>`` (plus ``attack_success`` and ``perturbation``) and at test
-  end writes `robustness_report.{json,md}` and `adversarial_examples.png` to the trainer's
-  `default_root_dir` (the run directory).
+  every subject of an attack under the same seed (so stochastic purifiers draw the same noise for every
+  subject and the report's rows pair image by image), accumulates per-class `RobustnessCounts` synced over
+  ranks, logs ``{val,test}/robust_acc/<attack>`` (plus balanced accuracy, per-class robust recall,
+  ``attack_success`` and ``perturbation``) and at test end writes `robustness_report.{json,md}` and
+  `adversarial_examples.png` to the trainer's `default_root_dir` (the run directory).
 Attacks never write parameter `.grad` (see `robust_cxr.attacks.attacking`).
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from robust_cxr.attacks import AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
-from robust_cxr.metrics import RobustnessCounts
+from robust_cxr.metrics import RobustnessCounts, recall_names
 from robust_cxr.purification import PurifiedClassifier
 from robust_cxr.reports import save_adversarial_grid, write_robustness_report
 from robust_cxr.threat import DefendedModel
@@ -60,10 +61,12 @@ class AdversarialExampleCallback(Callback):
         trades_beta: train with TRADES (CE on clean + beta * KL(clean || adversarial)) instead of
             PGD-AT; the training attack then ascends that KL. Not for modules that define
             `adversarial_training_targets`.
-        val_every_n_epochs, val_max_batches: strong attacks are expensive, so validation attacks
-            run every n epochs on at most m batches per rank (None: all).
-        test_max_batches: batches per rank attacked at test (None: the full test set).
-        grid_images: images in the test PNG grid (first test batch of rank 0, first attack).
+        val_every_n_epochs, val_max_images: strong attacks are expensive, so validation attacks run every n epochs
+            on the validation images of index < m (None: all). The DataModule stores each split class-interleaved,
+            so these are a class-stratified subset, the same for any batch size and number of ranks.
+        test_max_images: likewise at test (None: the full test set); each attack may cap itself further
+            (`AttackSpec.max_images`).
+        grid_images: images in the test PNG grid (rank 0's first attacked test images, first attack).
         seed: seeds random starts, which depend only on (seed, sample index), not on sharding.
     """
 
@@ -75,8 +78,8 @@ class AdversarialExampleCallback(Callback):
         train_eps_warmup_epochs: float = 0.0,
         trades_beta: float | None = None,
         val_every_n_epochs: int = 1,
-        val_max_batches: int | None = 2,
-        test_max_batches: int | None = None,
+        val_max_images: int | None = 128,
+        test_max_images: int | None = None,
         grid_images: int = 8,
         seed: int = 0,
     ):
@@ -86,6 +89,9 @@ class AdversarialExampleCallback(Callback):
             raise ValueError(f"TRADES ascends a KL loss: train_attack must be one of {GRADIENT_ASCENT_METHODS}, not {train_attack.method}.")
         if val_every_n_epochs < 1:
             raise ValueError(f"val_every_n_epochs must be >= 1, got {val_every_n_epochs}.")
+        for name, value in (("val_max_images", val_max_images), ("test_max_images", test_max_images)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or null (every image), got {value}.")
         labels = [spec.label for spec in attacks or []]
         if len(set(labels)) != len(labels):
             raise ValueError(f"Attack names must be unique (they name metrics): {labels}; set `name` to tell them apart.")
@@ -95,8 +101,8 @@ class AdversarialExampleCallback(Callback):
         self.train_eps_warmup_epochs = train_eps_warmup_epochs
         self.trades_beta = trades_beta
         self.val_every_n_epochs = val_every_n_epochs
-        self.val_max_batches = val_max_batches
-        self.test_max_batches = test_max_batches
+        self.val_max_images = val_max_images
+        self.test_max_images = test_max_images
         self.grid_images = grid_images
         self.seed = seed
         self._counts: dict[tuple[str, str], RobustnessCounts] = {}
@@ -177,61 +183,80 @@ class AdversarialExampleCallback(Callback):
         if not active or not self.attacks:
             return
         self._subjects = pl_module.robustness_subjects()
-        for subject in self._subjects:
-            self._counts[(subject.key, "none")] = RobustnessCounts().to(pl_module.device)
-            for spec in self.attacks:
-                if subject.attack_source(spec.threat_model) is not None:
-                    self._counts[(subject.key, spec.label)] = RobustnessCounts().to(pl_module.device)
+        num_classes = pl_module.hparams.num_classes
+        with torch.inference_mode(False):  # the counters are updated where attacks run, outside inference mode
+            for subject in self._subjects:
+                self._counts[(subject.key, "none")] = RobustnessCounts(num_classes).to(pl_module.device)
+                for spec in self.attacks:
+                    if subject.attack_source(spec.threat_model) is not None:
+                        self._counts[(subject.key, spec.label)] = RobustnessCounts(num_classes).to(pl_module.device)
         skipped = [s.label for s in self.attacks if all((subj.key, s.label) not in self._counts for subj in self._subjects)]
         if skipped:
             rank_zero_info(f"Attacks {skipped} do not apply to {[s.key for s in self._subjects]} and are skipped.")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._counts and (self.val_max_batches is None or batch_idx < self.val_max_batches):
-            self._evaluate_batch(trainer, pl_module, batch, batch_idx, capture_grid=False)
+        if self._counts:
+            self._evaluate_batch(trainer, pl_module, batch, batch_idx, self.val_max_images, capture_grid=False)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._counts and (self.test_max_batches is None or batch_idx < self.test_max_batches):
-            self._evaluate_batch(trainer, pl_module, batch, batch_idx, capture_grid=batch_idx == 0 and trainer.is_global_zero)
+        if self._counts:
+            capture_grid = self._grid is None and trainer.is_global_zero
+            self._evaluate_batch(trainer, pl_module, batch, batch_idx, self.test_max_images, capture_grid)
 
-    def _evaluate_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int, capture_grid: bool) -> None:
-        with torch.inference_mode(False):  # batches made under inference mode cannot enter autograd
-            images, labels = batch["image"].clone(), batch["label"].clone()
-            keys = batch["index"].clone() if "index" in batch else None
+    def _evaluate_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int,
+                        max_images: int | None, capture_grid: bool) -> None:
+        """Scores every subject clean and under every attack on the batch's images of index < `max_images` (and each
+        attack's own `max_images`).
+
+        Each (subject, attack) pair runs on the global RNG seeded by (callback seed, rank, batch, attack), so a random
+        defense draws the same noise for every subject of an attack and rows pair image by image, whatever ran before.
+        """
+        with torch.inference_mode(False):  # tensors made under inference mode cannot enter autograd
+            self._evaluate_images(trainer, pl_module, batch["image"].clone(), batch["label"].clone(),
+                                  batch["index"].clone() if "index" in batch else None, batch_idx, max_images, capture_grid)
+
+    def _evaluate_images(self, trainer: L.Trainer, pl_module: L.LightningModule, images: torch.Tensor, labels: torch.Tensor,
+                         keys: torch.Tensor | None, batch_idx: int, max_images: int | None, capture_grid: bool) -> None:
+        """`_evaluate_batch` on images (B, C, H, W) in [0, 1], labels (B,) and split indices (B,) or None."""
+        selected = _subset(keys, max_images, len(labels)).to(images.device)
+        if not selected.any():
+            return
+        images, labels, keys = images[selected], labels[selected], None if keys is None else keys[selected]
         dtype = _attack_dtype(trainer)
+        seed = self.seed + _RANK_SEED_STRIDE * trainer.global_rank + _BATCH_SEED_STRIDE * batch_idx
         # The grid shows the first defended subject (with its purified images) when there is one.
         grid_subject = next((s for s in self._subjects if isinstance(s.pipeline, PurifiedClassifier)), self._subjects[0])
         for subject in self._subjects:
-            with _seeded_global_rng(self.seed + _RANK_SEED_STRIDE * trainer.global_rank + batch_idx, images.device):
-                self._evaluate_subject(subject, pl_module, images, labels, keys, batch_idx, dtype, capture_grid and subject is grid_subject)
-
-    def _evaluate_subject(self, subject: DefendedModel, pl_module: L.LightningModule, images: torch.Tensor, labels: torch.Tensor,
-                          keys: torch.Tensor | None, batch_idx: int, dtype: torch.dtype | None, capture_grid: bool) -> None:
-        """Counts one subject's clean and attacked predictions on a batch (images (B, C, H, W) in [0, 1]); with
-        `capture_grid`, keeps the first attack's images for the report's grid."""
-        clean_predictions = _predict(subject.pipeline, images, dtype)
-        clean_correct = clean_predictions == labels
-        self._counts[(subject.key, "none")].update(clean_correct, clean_correct, torch.zeros_like(labels, dtype=torch.float))
-        for spec in self.attacks:
-            source = subject.attack_source(spec.threat_model)
-            if source is None or (spec.max_batches is not None and batch_idx >= spec.max_batches):
-                continue
-            adversarial = craft_adversarial(
-                spec, source, images, labels, num_classes=pl_module.hparams.num_classes, keys=keys, seed=self.seed, autocast_dtype=dtype
-            )
-            adversarial_predictions = _predict(subject.pipeline, adversarial, dtype)
-            norms = perturbation_norm(adversarial, images, spec.norm)
-            self._counts[(subject.key, spec.label)].update(clean_correct, adversarial_predictions == labels, norms)
-            if capture_grid and self._grid is None:
-                n = self.grid_images
-                purified = None
-                if isinstance(subject.pipeline, PurifiedClassifier):
-                    with torch.no_grad():
-                        purified = subject.pipeline.purifier(adversarial[:n])
-                self._grid = dict(
-                    clean=images[:n], adversarial=adversarial[:n], labels=labels[:n], clean_predictions=clean_predictions[:n],
-                    adversarial_predictions=adversarial_predictions[:n], eps=spec.eps, purified=purified,
+            with _seeded_global_rng(seed, images.device):
+                clean_predictions = _predict(subject.pipeline, images, dtype)
+            clean_correct = clean_predictions == labels
+            self._counts[(subject.key, "none")].update(labels, clean_correct, clean_correct, torch.zeros_like(labels, dtype=torch.float))
+            for slot, spec in enumerate(self.attacks, start=1):
+                source = subject.attack_source(spec.threat_model)
+                chosen = _subset(keys, spec.max_images, len(labels)).to(images.device)
+                if source is None or not chosen.any():
+                    continue
+                with _seeded_global_rng(seed + slot, images.device):
+                    adversarial = craft_adversarial(
+                        spec, source, images[chosen], labels[chosen], num_classes=pl_module.hparams.num_classes,
+                        keys=None if keys is None else keys[chosen], seed=self.seed, autocast_dtype=dtype,
+                    )
+                    adversarial_predictions = _predict(subject.pipeline, adversarial, dtype)
+                norms = perturbation_norm(adversarial, images[chosen], spec.norm)
+                self._counts[(subject.key, spec.label)].update(
+                    labels[chosen], clean_correct[chosen], adversarial_predictions == labels[chosen], norms
                 )
+                if capture_grid and subject is grid_subject and self._grid is None:
+                    n = self.grid_images
+                    self._grid = dict(
+                        clean=images[chosen][:n], adversarial=adversarial[:n], labels=labels[chosen][:n],
+                        clean_predictions=clean_predictions[chosen][:n], adversarial_predictions=adversarial_predictions[:n],
+                        eps=spec.eps, purified=None,
+                    )
+        if self._grid is not None and self._grid["purified"] is None and isinstance(grid_subject.pipeline, PurifiedClassifier):
+            # Its own noise stream, so that showing purified images changes no row.
+            with _seeded_global_rng(seed + len(self.attacks) + 1, images.device), torch.no_grad():
+                self._grid["purified"] = grid_subject.pipeline.purifier(self._grid["adversarial"])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_results("val", pl_module)
@@ -244,8 +269,7 @@ class AdversarialExampleCallback(Callback):
         report = write_robustness_report(rows, directory)
         grid = None
         if self._grid is not None:
-            class_names = pl_module.hparams.get("class_names") or [str(i) for i in range(pl_module.hparams.num_classes)]
-            grid = save_adversarial_grid(directory / "adversarial_examples.png", class_names=class_names, **self._grid)
+            grid = save_adversarial_grid(directory / "adversarial_examples.png", class_names=_class_names(pl_module), **self._grid)
         _log_report_to_wandb(trainer, rows, grid)
         rank_zero_info(f"Robustness report: {report}")
 
@@ -253,14 +277,20 @@ class AdversarialExampleCallback(Callback):
         """Computes every counter (a collective: all ranks call it), logs the metrics, returns report rows."""
         rows = []
         specs = {spec.label: spec for spec in self.attacks}
+        recalls = recall_names(_class_names(pl_module))
         for (subject_key, attack), counts in self._counts.items():
-            result = counts.compute()
+            result = {name: value.tolist() for name, value in counts.compute().items()}
             subject = next(s for s in self._subjects if s.key == subject_key)
-            suffix = f"/{subject_key}" if len(self._subjects) > 1 else ""
             spec = specs.get(attack)
             if spec is not None:
-                for name in ("robust_acc", "attack_success", "perturbation"):
-                    pl_module.log(f"{stage}/{name}/{attack}{suffix}", result[name].float(), sync_dist=True)
+                suffix = f"/{subject_key}" if len(self._subjects) > 1 else ""
+                logged = {"robust_acc": result["robust_acc"], "robust_balanced_acc": result["robust_balanced_acc"],
+                          "attack_success": result["attack_success"], "perturbation": result["perturbation"],
+                          **{f"robust_{name}": value for name, value in zip(recalls, result["robust_recall"])}}
+                for name, value in logged.items():
+                    if not math.isnan(value):  # e.g. no image fooled, so no perturbation size; the same on every rank
+                        pl_module.log(f"{stage}/{name}/{attack}{suffix}", value, sync_dist=True)
+            executed = spec.executed if spec else dict(steps=None, eot_samples=None, version=None)
             rows.append(
                 dict(
                     model=subject.model,
@@ -269,16 +299,21 @@ class AdversarialExampleCallback(Callback):
                     threat_model=spec.threat_model if spec else "none",
                     norm=spec.norm if spec else "none",
                     eps=spec.eps if spec else 0.0,
-                    accuracy=result["robust_acc"].item(),
+                    **executed,
                     n=int(result["total"]),
+                    clean_accuracy=result["clean_acc"],
+                    accuracy=result["robust_acc"],
+                    balanced_accuracy=result["robust_balanced_acc"],
+                    **{name: value for name, value in zip(recalls, result["robust_recall"])},
+                    clean_balanced_accuracy=result["clean_balanced_acc"],
+                    **{f"clean_{name}": value for name, value in zip(recalls, result["clean_recall"])},
                     correct=int(result["robust_correct"]),
-                    attack_success=result["attack_success"].item() if spec else None,
-                    perturbation=result["perturbation"].item() if spec else None,
-                    steps=spec.steps if spec else None,
-                    eot_samples=spec.eot_samples if spec else None,
+                    accuracy_after_attack=result["after_attack_acc"] if spec else None,
+                    attack_success=result["attack_success"] if spec else None,
+                    perturbation=result["perturbation"] if spec else None,
                 )
             )
-        return rows
+        return [{key: None if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()} for row in rows]
 
 
 def _log_report_to_wandb(trainer: L.Trainer, rows: list[dict], grid: Path | None) -> None:
@@ -300,7 +335,23 @@ def _batch_hook_owner(trainer: L.Trainer, pl_module: L.LightningModule) -> L.Lig
     return pl_module
 
 
-_RANK_SEED_STRIDE = 1_000_003  # ranks' evaluation seeds stay apart for any number of batches below it
+# Evaluation seeds: callback seed + rank * 10**9 + batch * 1000 + attack slot, apart for < 1000 attacks and < 10**6 batches.
+_RANK_SEED_STRIDE = 10**9
+_BATCH_SEED_STRIDE = 1000
+
+
+def _subset(keys: torch.Tensor | None, max_images: int | None, batch_size: int) -> torch.Tensor:
+    """(B,) bool: the batch's images of index < `max_images` (all of them for None)."""
+    if max_images is None:
+        return torch.ones(batch_size, dtype=torch.bool)
+    if keys is None:
+        raise ValueError("An evaluation subset (max_images) needs each image's index in its split: batches must carry 'index'.")
+    return keys.cpu() < max_images
+
+
+def _class_names(pl_module: L.LightningModule) -> list[str]:
+    """The module's class names in label order (``0``, ``1``, ... when it has none)."""
+    return list(pl_module.hparams.get("class_names") or [str(i) for i in range(pl_module.hparams.num_classes)])
 
 
 @contextmanager

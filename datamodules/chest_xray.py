@@ -3,6 +3,11 @@
 Every source is decoded once, resized to `image_size` and kept in memory as 8-bit grayscale
 (chest X-rays are grayscale; `channels=3` replicates the plane for RGB backbones). Batches are
 dicts ``{"image": (B, C, S, S) float32 in [0, 1], "label": (B,) int64, "index": (B,) int64}``.
+
+Each split is stored in a seeded, class-interleaved order (`interleaved_order`): the first n images of
+any split hold every class in its share of the split, within an image or two. Evaluation subsets are
+therefore "the images of index < n" (see `AdversarialExampleCallback`), the same stratified images for
+any batch size and any number of DDP ranks, whatever order the source lists its files in.
 """
 
 from __future__ import annotations
@@ -168,8 +173,9 @@ class ChestXRayDataModule(L.LightningDataModule):
         else:
             splits = self._medmnist_splits()
         for name, (images, labels) in splits.items():
+            order = interleaved_order(labels, hp.seed)
             transform = self.augmentation.build() if name == "train" else None
-            self.datasets[name] = GrayscaleImageDataset(images, labels, hp.channels, transform)
+            self.datasets[name] = GrayscaleImageDataset(images[order], labels[order], hp.channels, transform)
 
     def _synthetic_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         hp = self.hparams
@@ -327,6 +333,21 @@ def _resize_uint8(images: np.ndarray, image_size: int) -> np.ndarray:
             pixels.unsqueeze(1), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
         ).squeeze(1)
     return pixels.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def interleaved_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A permutation (N,) of labels (N,) after which every prefix holds each class in proportion.
+
+    Each class is shuffled (seeded), its k-th of n members is placed at (k + u) / n on [0, 1) with a per-class
+    random offset u, and all members are sorted by place. A prefix up to any place x then holds floor or ceil
+    of x * n members of each class, so class shares of a prefix are exact within one or two images.
+    """
+    rng = np.random.default_rng(seed)
+    places = np.empty(len(labels))
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        places[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.argsort(places, kind="stable")
 
 
 def _stratified_split(

@@ -42,7 +42,8 @@ from pyautoattack.autopgd_base import APGDAttack  # noqa: E402
 AttackMethod = Literal["fgsm", "pgd", "bim", "mifgsm", "pgd_l2", "cw_l2", "apgd_ce", "apgd_dlr", "autoattack"]
 ThreatModel = Literal["whitebox", "graybox", "transfer"]
 L2_METHODS = ("pgd_l2", "cw_l2")
-MIN_CLASSES = {"apgd_dlr": 3, "autoattack": 4}  # DLR divides by the 3rd logit gap; targeted DLR needs a 4th class
+CW_SEARCH_STEPS = 5  # binary-search rounds over CW's trade-off constant
+AUTOATTACK_ITERATIONS = 100  # APGD iterations of AutoAttack's standard and rand versions
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -58,11 +59,14 @@ class AttackSpec:
         random_start: start PGD / L2-PGD / APGD from a random point of the eps-ball.
         threat_model: ``whitebox`` (source = the defended target), ``graybox`` (source = the
             undefended classifier), ``transfer`` (source = another model, e.g. the teacher).
-        eot_samples: draws of a stochastic source averaged per gradient step (EOT).
+        eot_samples: draws of a stochastic source averaged per gradient step (EOT). Above 1 the source counts
+            as random: APGD then returns its highest-loss point and AutoAttack runs its ``rand`` version.
         name: label in metric names and reports; default from method and steps (``pgd10``).
-        max_batches: evaluate this attack on the first `max_batches` batches per rank only (None: every
-            batch the callback attacks); for attacks too costly for the whole set, such as white-box
-            attacks through a diffusion purifier. Its report row states the images it covered.
+        max_images: evaluate this attack on the test images of index < `max_images` only (None: every image
+            the callback attacks), a class-stratified subset (see `datamodules.chest_xray.interleaved_order`),
+            the same for any batch size and number of ranks; for attacks too costly for the whole set, such as
+            white-box attacks through a diffusion purifier. Its report row states the images it covered and
+            their clean accuracy.
     """
 
     method: AttackMethod = "pgd"
@@ -73,11 +77,27 @@ class AttackSpec:
     threat_model: ThreatModel = "whitebox"
     eot_samples: int = 1
     name: str | None = None
-    max_batches: int | None = None
+    max_images: int | None = None
 
     def __post_init__(self) -> None:
-        if self.eps <= 0 or self.steps < 1 or self.eot_samples < 1:
-            raise ValueError(f"Attack {self.label}: eps must be > 0, steps and eot_samples >= 1 (got {self}).")
+        if self.eps <= 0 or self.steps < 1 or self.eot_samples < 1 or (self.max_images is not None and self.max_images < 1):
+            raise ValueError(f"Attack {self.label}: eps must be > 0, steps and eot_samples >= 1, max_images >= 1 or null (got {self}).")
+
+    @property
+    def stochastic_source(self) -> bool:
+        """Whether the attack treats its source as random (EOT over more than one draw)."""
+        return self.eot_samples > 1
+
+    @property
+    def executed(self) -> dict[str, int | str | None]:
+        """What the attack actually runs, for report columns: ``steps`` (gradient steps in all; CW's binary-search
+        rounds times its steps; AutoAttack's APGD iterations), ``eot_samples`` and ``version`` (AutoAttack's)."""
+        if self.method == "autoattack":
+            if self.stochastic_source:
+                return dict(steps=AUTOATTACK_ITERATIONS, eot_samples=self.eot_samples, version="rand: apgd-ce, apgd-dlr")
+            return dict(steps=AUTOATTACK_ITERATIONS, eot_samples=1, version="standard: apgd-ce, apgd-t, fab-t, square-5000")
+        steps = {"fgsm": 1, "cw_l2": CW_SEARCH_STEPS * self.steps}.get(self.method, self.steps)
+        return dict(steps=steps, eot_samples=self.eot_samples, version=None)
 
     @property
     def norm(self) -> Literal["linf", "l2"]:
@@ -214,7 +234,7 @@ def craft_adversarial(
     """
     if loss_fn is not None and spec.method not in ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2"):
         raise ValueError(f"Attack {spec.label}: a custom loss needs fgsm, pgd, bim, mifgsm or pgd_l2, not {spec.method}.")
-    needed = MIN_CLASSES.get(spec.method, 2)
+    needed = _classes_needed(spec)
     if num_classes < needed:
         raise ValueError(
             f"Attack {spec.label}: the DLR loss of {spec.method} needs at least {needed} classes (this task has {num_classes}); "
@@ -223,7 +243,9 @@ def craft_adversarial(
     loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="sum")
     images = images.detach()
     with attacking(source), torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        predict = source if spec.eot_samples == 1 else ExpectationOverTransformation(source, spec.eot_samples)
+        # AutoAttack's rand version runs EOT itself (over `eot_iter` gradient draws).
+        wrap = spec.stochastic_source and spec.method != "autoattack"
+        predict = ExpectationOverTransformation(source, spec.eot_samples) if wrap else source
         adversarial = _run_attack(spec, predict, images.clone(), labels, num_classes, keys, seed, loss_fn)
     return project(adversarial.detach().float(), images, spec)
 
@@ -255,7 +277,7 @@ def _run_attack(
         return attack.perturb(images, labels)
     if method == "cw_l2":
         attack = CarliniWagnerL2Attack(
-            predict, num_classes, learning_rate=spec.step_size or 0.01, binary_search_steps=5,
+            predict, num_classes, learning_rate=spec.step_size or 0.01, binary_search_steps=CW_SEARCH_STEPS,
             max_iterations=spec.steps, clip_min=0.0, clip_max=1.0,
         )
         return attack.perturb(images, labels)
@@ -263,11 +285,26 @@ def _run_attack(
         attack = APGDAttack(predict, n_iter=spec.steps, norm="Linf", eps=spec.eps, loss=method[5:], seed=seed, device=images.device)
         attack.init_hyperparam(images)
         start = random_start(images, spec, keys, seed) if spec.random_start else images
-        return attack.attack_single_run(images, labels, x_init=start)[3]
-    suite = AutoAttack(predict, norm="Linf", eps=spec.eps, version="standard", seed=seed, device=images.device)
+        highest_loss, still_correct, _, first_fooling = attack.attack_single_run(images, labels, x_init=start)
+        if spec.stochastic_source:
+            # A point that fooled one draw of a random model need not fool the next: keep the highest-loss point.
+            return highest_loss
+        # Images it never fooled would otherwise get their random start back.
+        return torch.where(still_correct.bool().view(-1, 1, 1, 1), highest_loss, first_fooling)
+    version = "rand" if spec.stochastic_source else "standard"
+    suite = AutoAttack(predict, norm="Linf", eps=spec.eps, version=version, seed=seed, device=images.device)
     suite.verbose = False
     suite.apgd_targeted.n_target_classes = suite.fab.n_target_classes = min(9, num_classes - 1)
+    if spec.stochastic_source:
+        suite.apgd.eot_iter = spec.eot_samples
     return suite.run_standard_evaluation(images, labels, batch_size=len(images))[0]
+
+
+def _classes_needed(spec: AttackSpec) -> int:
+    """Classes the attack's loss needs: the DLR loss divides by the gap to the 3rd logit, its targeted form needs a 4th."""
+    if spec.method == "apgd_dlr" or (spec.method == "autoattack" and spec.stochastic_source):
+        return 3
+    return 4 if spec.method == "autoattack" else 2
 
 
 def trades_kl_loss(adversarial_logits: torch.Tensor, clean_probabilities: torch.Tensor) -> torch.Tensor:

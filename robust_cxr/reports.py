@@ -9,19 +9,28 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-REPORT_COLUMNS = ("model", "defense", "attack", "threat_model", "norm", "eps", "accuracy", "n", "attack_success", "perturbation")
+MARKDOWN_LEFT_OUT = ("correct",)  # a count the JSON keeps; the Markdown table gives its share
 
 
 def write_robustness_report(rows: list[dict], directory: str | Path, stem: str = "robustness_report") -> Path:
-    """Writes `rows` (dicts with at least `REPORT_COLUMNS`) to `<stem>.json` and `<stem>.md`; returns the JSON path."""
+    """Writes `rows` (dicts with the same keys, in column order) to `<stem>.json` and `<stem>.md`; returns the JSON path.
+
+    The Markdown table has every key as a column but `MARKDOWN_LEFT_OUT`, and is headed by what its accuracy means.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / f"{stem}.json"
     json_path.write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["| " + " | ".join(REPORT_COLUMNS) + " |", "|" + "---|" * len(REPORT_COLUMNS)]
+    columns = [column for column in rows[0] if column not in MARKDOWN_LEFT_OUT]
+    lines = [
+        "`accuracy`: right both clean and after the attack (robust accuracy); `clean_*`: the same images unattacked; "
+        "`n`: the images a row covers; recall columns per class; `accuracy_after_attack`: right after the attack alone.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for row in rows:
-        cells = [_format_cell(row.get(column)) for column in REPORT_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_format_cell(row.get(column)) for column in columns) + " |")
     (directory / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return json_path
 

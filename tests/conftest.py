@@ -20,6 +20,7 @@ PNEUMONIA_NPZ = SHARED_DATA / "pneumoniamnist.npz"
 
 requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
 
+TINY_SUBSET = 24  # images of an attack's subset (`max_images`) in a shrunk config: fewer than any tiny test split
 TINY_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2}  # for the default hybrid ViT-Tiny
 TINY_UNET = {
     "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "add_attention": False,
@@ -39,7 +40,8 @@ def single_thread():
 
 
 def shrink_config(config: str | Path, directory: Path, max_steps: int = 2, keep_model: bool = False, **data: object) -> Path:
-    """A copy of a real config made tiny: small ViT, small synthetic data, attacks capped at `max_steps`.
+    """A copy of a real config made tiny: small ViT, small synthetic data, attacks capped at `max_steps` and their
+    subsets at `TINY_SUBSET` images.
 
     Keyword arguments override `data` settings; `keep_model` keeps the config's own model. Returns the YAML path.
     """
@@ -55,6 +57,8 @@ def shrink_config(config: str | Path, directory: Path, max_steps: int = 2, keep_
     for spec in adversarial.get("attacks", []) + [adversarial.get("train_attack") or {}]:
         if "steps" in spec:
             spec["steps"] = min(spec["steps"], max_steps)
+        if spec.get("max_images"):
+            spec["max_images"] = min(spec["max_images"], TINY_SUBSET)
     path = directory / f"tiny_{Path(config).name}"
     path.write_text(yaml.safe_dump(settings))
     return path

@@ -15,6 +15,7 @@ from robust_cxr.attacks import (
     craft_adversarial,
     keyed_uniform,
     perturbation_norm,
+    random_start,
 )
 
 EPS = 0.03
@@ -160,9 +161,69 @@ def test_dlr_and_autoattack_run_on_multiclass_models():
         assert _accuracy(model, adversarial, labels) < 1.0
 
 
+def test_apgd_returns_its_highest_loss_point_for_images_it_cannot_fool(trained):
+    model, images, labels = trained
+    with torch.no_grad():
+        right = model(images).argmax(1) == labels
+    images, labels = images[right][:16], labels[right][:16]
+    spec = AttackSpec(method="apgd_ce", eps=1e-4, steps=10)  # far too small a budget to flip any image
+    keys = torch.arange(len(labels))
+    start = random_start(images, spec, keys, seed=0)
+    adversarial = craft_adversarial(spec, model, images, labels, num_classes=2, keys=keys, seed=0)
+    assert _accuracy(model, adversarial, labels) == 1.0
+    with torch.no_grad():
+        start_loss = F.cross_entropy(model(start), labels, reduction="none")
+        final_loss = F.cross_entropy(model(adversarial), labels, reduction="none")
+    assert not torch.equal(adversarial, start), "APGD handed back its random start"
+    assert torch.all(final_loss >= start_loss - 1e-6) and torch.any(final_loss > start_loss)
+
+
+def test_autoattack_on_a_random_model_runs_the_rand_version_with_eot(monkeypatch):
+    import pyautoattack.autoattack as autoattack_module
+
+    versions = []
+    original = autoattack_module.AutoAttack.run_standard_evaluation
+
+    def recording(suite, *args, **kwargs):
+        versions.append((suite.version, list(suite.attacks_to_run), suite.apgd.eot_iter))
+        return original(suite, *args, **kwargs)
+
+    monkeypatch.setattr(autoattack_module.AutoAttack, "run_standard_evaluation", recording)
+    class NoisyLinear(nn.Module):
+        """A random model: a linear classifier on inputs with fresh Gaussian noise."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+        def forward(self, images):
+            return self.linear(images + 0.05 * torch.randn_like(images))
+
+    torch.manual_seed(0)
+    model = NoisyLinear().eval()
+    images = torch.rand(6, 1, 8, 8)
+    labels = model.linear(images).argmax(1).detach()
+    spec = AttackSpec(method="autoattack", eps=0.3, eot_samples=3)
+    adversarial = craft_adversarial(spec, model, images, labels, num_classes=3)
+    assert versions == [("rand", ["apgd-ce", "apgd-dlr"], 3)]
+    assert spec.executed == dict(steps=100, eot_samples=3, version="rand: apgd-ce, apgd-dlr")
+    assert perturbation_norm(adversarial, images, "linf").max() <= 0.3 + 1e-6
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        craft_adversarial(spec, model, images, labels, num_classes=2)
+
+
+def test_executed_settings_say_what_runs():
+    assert AttackSpec(method="fgsm").executed["steps"] == 1
+    assert AttackSpec(method="cw_l2", steps=20).executed["steps"] == 100  # 5 binary-search rounds of 20 steps
+    assert AttackSpec(method="pgd", steps=7, eot_samples=4).executed == dict(steps=7, eot_samples=4, version=None)
+    assert AttackSpec(method="autoattack", steps=7).executed["version"].startswith("standard")
+
+
 def test_bad_attack_settings_are_errors():
     with pytest.raises(ValueError, match="eps must be > 0"):
         AttackSpec(method="pgd", eps=0.0)
+    with pytest.raises(ValueError, match="max_images >= 1"):
+        AttackSpec(method="pgd", max_images=0)
     with pytest.raises(ValueError, match="custom loss"):
         craft_adversarial(
             AttackSpec(method="cw_l2"), nn.Flatten(), torch.rand(1, 1, 2, 2), torch.zeros(1, dtype=torch.long),

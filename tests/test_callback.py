@@ -52,11 +52,16 @@ def test_test_report_of_a_trained_teacher(teacher_run):
         assert row["n"] == rows["none"]["n"] == 180
         assert row["accuracy"] < clean - 0.1, row
         assert row["perturbation"] <= row["eps"] + 1e-6
+        assert row["clean_accuracy"] == clean  # every attack covers the whole test set here
+        assert row["accuracy"] <= row["accuracy_after_attack"]
+        assert row["balanced_accuracy"] == pytest.approx((row["sensitivity"] + row["specificity"]) / 2)
+        assert row["sensitivity"] <= row["clean_sensitivity"] and row["specificity"] <= row["clean_specificity"]
+    assert (rows["fgsm"]["steps"], rows["pgd10"]["steps"], rows["apgd_ce"]["eot_samples"]) == (1, 10, 1)
     assert rows["pgd10_eps0.01"]["accuracy"] >= rows["pgd10"]["accuracy"]
     # APGD-20 is the stronger attack in expectation, not on every image: one image of slack.
     assert rows["fgsm"]["accuracy"] > rows["pgd10"]["accuracy"] >= rows["apgd_ce"]["accuracy"] - 1 / 180
     markdown = (teacher_run / "robustness_report.md").read_text()
-    assert "| teacher | none | pgd10 | whitebox |" in markdown
+    assert "| teacher | none | pgd10 | whitebox |" in markdown and "| sensitivity |" in markdown
     with Image.open(teacher_run / "adversarial_examples.png") as grid:
         assert grid.size == (5 * 128, 8 * 128)
 
@@ -68,7 +73,7 @@ def _load_teacher(teacher_run) -> TeacherClassifier:
 @pytest.mark.parametrize("inference_mode", [True, False])
 def test_evaluation_works_whatever_the_inference_mode(teacher_run, tmp_path, inference_mode):
     model = _load_teacher(teacher_run)
-    callback = AdversarialExampleCallback(attacks=EVAL_ATTACKS, val_max_batches=None)
+    callback = AdversarialExampleCallback(attacks=EVAL_ATTACKS, val_max_images=None)
     trainer = _trainer(tmp_path, [callback], inference_mode=inference_mode)
     datamodule = _datamodule(synthetic_samples=800)
     tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
@@ -194,7 +199,7 @@ def test_trades_adds_adversarial_images_and_its_loss_term(tmp_path):
         assert model.training_loss(batch)[0] > model.training_loss(plain)[0]
 
 
-def test_validation_attacks_follow_every_n_epochs_and_max_batches(tmp_path):
+def test_validation_attacks_follow_every_n_epochs_and_max_images(tmp_path):
     class CountAttacks(Callback):
         def __init__(self):
             self.logged = []
@@ -203,16 +208,16 @@ def test_validation_attacks_follow_every_n_epochs_and_max_batches(tmp_path):
             self.logged.append("val/robust_acc/fgsm" in trainer.callback_metrics)
 
     counter = CountAttacks()
-    callback = AdversarialExampleCallback(attacks=EVAL_ATTACKS[:1], val_every_n_epochs=2, val_max_batches=1)
+    callback = AdversarialExampleCallback(attacks=EVAL_ATTACKS[:1], val_every_n_epochs=2, val_max_images=20)
     trainer = _trainer(tmp_path, [callback, counter], max_epochs=4, limit_train_batches=1, limit_val_batches=2, num_sanity_val_steps=0)
     trainer.fit(_tiny_teacher(), datamodule=_datamodule())
     assert [bool(flag) for flag in counter.logged][1::2] == [True, True]
     robust = callback._counts[("teacher", "fgsm")].compute()
-    assert int(robust["total"]) == 16  # one batch
+    assert int(robust["total"]) == 20  # the first 20 validation images, over two batches of 16
 
 
 def _ddp_report(teacher_run, tmp_path, devices: int) -> list[dict]:
-    attacks = EVAL_ATTACKS + [AttackSpec(method="apgd_ce", eps=EPS, steps=5)]
+    attacks = EVAL_ATTACKS + [AttackSpec(method="apgd_ce", eps=EPS, steps=5), AttackSpec(method="pgd", eps=EPS, steps=5, max_images=41, name="pgd5_subset")]
     trainer = _trainer(tmp_path / f"devices{devices}", [AdversarialExampleCallback(attacks=attacks)], devices=devices,
                        strategy="ddp_spawn" if devices > 1 else "auto")
     trainer.test(_load_teacher(teacher_run), datamodule=_datamodule(synthetic_samples=810, batch_size=16), verbose=False)
@@ -224,6 +229,9 @@ def test_ddp_evaluation_counts_equal_single_process(teacher_run, tmp_path):
     double = _ddp_report(teacher_run, tmp_path, devices=2)
     assert single[0]["n"] == 122  # odd-sized test split: no padding duplicates, no sample lost
     assert [(row["attack"], row["n"], row["correct"]) for row in double] == [(row["attack"], row["n"], row["correct"]) for row in single]
+    # The subset is the same 41 images on one and on two ranks (20 and 21 of them on the two), so every figure agrees.
+    subset = [[row for row in report if row["attack"] == "pgd5_subset"][0] for report in (single, double)]
+    assert subset[0]["n"] == 41 and subset[0] == subset[1]
 
 
 def test_adversarial_training_under_two_process_ddp(tmp_path):
@@ -237,24 +245,57 @@ def test_adversarial_training_under_two_process_ddp(tmp_path):
     assert len(json.loads((run_dir / "robustness_report.json").read_text())) == 5  # clean + 4 attacks
 
 
-def test_subjects_are_scored_on_the_same_purification_noise(tmp_path):
-    """Rows of a report pair image by image: every subject sees the same purifier noise, and so does every re-run."""
+def _noisy_purified_subjects(model: TeacherClassifier, names: tuple[str, ...]) -> None:
+    """Gives `model` subjects that share one random pipeline: a tiny purifier at t* = 999 (its output is mostly fresh
+    noise) in front of a linear classifier whose prediction follows that noise."""
     torch.manual_seed(0)
-    model = _tiny_teacher()
-    noise_sensitive = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 64, 2))  # its argmax flips with the noise
+    noise_sensitive = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 64, 2))
     unet = UNet2DModel(sample_size=64, in_channels=1, out_channels=1, **TINY_UNET)
-    purifier = Purifier(unet, DDPMScheduler(), t_star=999, method="ddim", steps=2, eta=1.0)  # output: mostly fresh noise
+    purifier = Purifier(unet, DDPMScheduler(), t_star=999, method="ddim", steps=2, eta=1.0, differentiable=True)
     pipeline = PurifiedClassifier(purifier, noise_sensitive)
-    model.robustness_subjects = lambda: [DefendedModel(name, "purifier/noisy", noise_sensitive, pipeline) for name in ("first", "second")]
-    attacks = [AttackSpec(method="pgd", eps=EPS, steps=2, threat_model="graybox")]
+    model.robustness_subjects = lambda: [DefendedModel(name, "purifier/noisy", noise_sensitive, pipeline) for name in names]
+
+
+def test_subjects_are_scored_on_the_same_purification_noise_with_the_grid_on(tmp_path):
+    """Rows of a report pair image by image: every subject sees the same purifier noise, also after the grid ran the
+    purifier once more, and so does every re-run."""
+    model = _tiny_teacher()
+    _noisy_purified_subjects(model, ("first", "second"))
+    attacks = [AttackSpec(method=method, eps=EPS, steps=2, threat_model="graybox") for method in ("pgd", "fgsm", "bim")]
     runs = []
     for _ in range(2):
         trainer = _trainer(tmp_path, [AdversarialExampleCallback(attacks=attacks)])
         metrics = trainer.test(model, datamodule=_datamodule(synthetic_samples=800), verbose=False)[0]
-        rows = json.loads((tmp_path / "robustness_report.json").read_text())
-        accuracy = {(row["model"], row["attack"]): row["accuracy"] for row in rows}
-        for attack in ("none", "pgd2"):
-            assert accuracy[("first", attack)] == accuracy[("second", attack)], attack
-        assert 0.3 < accuracy[("first", "none")] < 0.7  # predictions do follow the noise
+        rows = {(row["model"], row["attack"]): row for row in json.loads((tmp_path / "robustness_report.json").read_text())}
+        for attack in ("none", "pgd2", "fgsm", "bim2"):
+            assert {**rows[("first", attack)], "model": None} == {**rows[("second", attack)], "model": None}, attack
+        assert 0.3 < rows[("first", "none")]["accuracy"] < 0.7  # predictions do follow the noise
+        assert (tmp_path / "adversarial_examples.png").is_file()
         runs.append(metrics)
     assert runs[0] == runs[1]
+
+
+def test_robust_accuracy_never_exceeds_clean_accuracy_on_a_random_defense(tmp_path):
+    model = _tiny_teacher()
+    _noisy_purified_subjects(model, ("noisy",))
+    attacks = [AttackSpec(method="pgd", eps=EPS, steps=2, threat_model=threat, name=threat) for threat in ("graybox", "whitebox")]
+    trainer = _trainer(tmp_path, [AdversarialExampleCallback(attacks=attacks)])
+    trainer.test(model, datamodule=_datamodule(synthetic_samples=800), verbose=False)
+    rows = json.loads((tmp_path / "robustness_report.json").read_text())
+    for row in rows:
+        assert row["accuracy"] <= row["clean_accuracy"], row
+    # Fresh noise rights some clean mistakes after the attack: the old definition would have counted them as robust.
+    assert any(row["accuracy_after_attack"] > row["accuracy"] for row in rows if row["attack"] != "none")
+
+
+def test_subsets_of_a_class_sorted_folder_hold_both_classes_in_proportion(tmp_path):
+    for name, count in (("normal", 60), ("tuberculosis", 20)):  # a folder source lists one class, then the other
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (64, 64), color=3 * i).save(tmp_path / "data" / name / f"{i:03d}.png")
+    datamodule = ChestXRayDataModule(source="folder", root=str(tmp_path / "data"), image_size=64, split=(0.0, 0.0, 1.0), batch_size=16)
+    attacks = [AttackSpec(method="fgsm", eps=EPS), AttackSpec(method="pgd", eps=EPS, steps=2, max_images=16)]
+    callback = AdversarialExampleCallback(attacks=attacks, test_max_images=40)
+    _trainer(tmp_path, [callback]).test(_tiny_teacher(), datamodule=datamodule, verbose=False)
+    per_class = {attack: callback._counts[("teacher", attack)].total.tolist() for attack in ("none", "fgsm", "pgd2")}
+    assert per_class == {"none": [30, 10], "fgsm": [30, 10], "pgd2": [12, 4]}  # 3:1, as in the whole split

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from conftest import CONFIGS, TINY_UNET, shrink_config
+from conftest import CONFIGS, TINY_SUBSET, TINY_UNET, shrink_config
 from lightning_modules import DiffusionPurifier, PurifyThenFinetune
 from robust_cxr.purification import Purifier
 from train import main
@@ -133,9 +133,10 @@ def test_purify_finetune_report_compares_the_three_pipelines_on_the_same_images(
     assert "test/robust_acc/pgd10_graybox/teacher_finetuned+purifier" in metrics
     test_images = {row["n"] for key, row in table.items() if key[2] != "pgd10_whitebox_eot2"}
     assert len(test_images) == 1  # clean and gray-box rows cover the same images
-    assert table[("teacher", defense, "pgd10_whitebox_eot2")]["n"] == 32  # max_batches: 1 batch of the tiny config
+    assert all(table[key]["n"] == TINY_SUBSET for key in table if key[2] == "pgd10_whitebox_eot2")  # its max_images
     for row in rows:
         assert row["perturbation"] is None or row["perturbation"] <= 0.03 + 1e-6
+        assert row["accuracy"] <= row["clean_accuracy"]
     grid = Image.open(chain["runs"] / "purify_finetune" / "adversarial_examples.png")
     assert grid.width == 4 * 128 + 2 * 128  # clean, adversarial, perturbation, purified tiles, then the text
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import PNEUMONIA_FOLDER, PNEUMONIA_NPZ, requires_shared_data
 from datamodules import Augmentation, ChestXRayDataModule
+from datamodules.chest_xray import interleaved_order
 
 
 def _batch(datamodule: ChestXRayDataModule, split: str) -> dict[str, torch.Tensor]:
@@ -96,6 +97,25 @@ def test_folder_source_stratified_split(tmp_path):
     _assert_disjoint(_split_images(datamodule))
     again = ChestXRayDataModule(source="folder", root=str(tmp_path), image_size=24, split=(0.6, 0.2, 0.2))
     assert torch.equal(_split_images(again)["test"], _split_images(datamodule)["test"])
+
+
+@pytest.mark.parametrize("counts", [(300, 100), (40, 160, 25)])
+def test_every_prefix_of_the_interleaved_order_holds_each_class_in_proportion(counts):
+    labels = np.repeat(np.arange(len(counts)), counts)  # sorted by class, as a folder source lists its files
+    order = interleaved_order(labels, seed=0)
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    shares = np.asarray(counts) / len(labels)
+    prefix_counts = np.cumsum(np.eye(len(counts))[labels[order]], axis=0)  # (N, K): class counts of each prefix
+    expected = np.arange(1, len(labels) + 1)[:, None] * shares
+    assert np.abs(prefix_counts - expected).max() < 2
+    assert not np.array_equal(order, interleaved_order(labels, seed=1))
+
+
+def test_class_sorted_folder_is_stored_class_interleaved(tmp_path):
+    _write_folder(tmp_path, {"Normal": 45, "Tuberculosis": 15}, size=16)
+    datamodule = ChestXRayDataModule(source="folder", root=str(tmp_path), image_size=16, split=(0.0, 0.0, 1.0), batch_size=8)
+    first_batch = _batch(datamodule, "test")["label"]
+    assert torch.bincount(first_batch, minlength=2).tolist() in ([6, 2], [5, 3], [7, 1])  # 3:1, within an image
 
 
 def test_folder_source_uses_explicit_split_folders(tmp_path):

@@ -112,7 +112,7 @@ def test_sigusr1_requeues_the_sbatch_job_which_resumes_mid_epoch(tmp_path):
                        SCONTROL_LOG=str(scontrol_log))
     # The batch script as SLURM runs it, on the CPU; a requeued job runs it again with the same job id.
     command = ["bash", "slurm/train_single_node.sbatch", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2",
-               "--trainer.enable_progress_bar", "true", "--adversarial.test_max_batches", "1"]
+               "--trainer.enable_progress_bar", "true", "--adversarial.test_max_images", "32"]
     steps_per_epoch = 840 // 32  # full batches of the 70 % training split: long enough that SIGUSR1 lands inside epoch 1
 
     job = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

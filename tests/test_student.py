@@ -233,7 +233,7 @@ def test_the_student_trains_above_chance_through_train_py(teacher_run, tmp_path)
     run_dir = tmp_path / "run"
     teacher_ckpt = teacher_run / "checkpoints" / "best.ckpt"
     metrics = run_train(config, run_dir, "--trainer.max_epochs", "6", "--model.init_args.teacher_ckpt", str(teacher_ckpt),
-                        "--model.init_args.purifier_dir", "null", "--adversarial.test_max_batches", "1")
+                        "--model.init_args.purifier_dir", "null", "--adversarial.test_max_images", "32")
     assert metrics["test/acc"] > 0.75
     report = {(row["model"], row["attack"]): row for row in json.loads((run_dir / "robustness_report.json").read_text())}
     assert report[("student", "pgd10_transfer")]["threat_model"] == "transfer"

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import CONFIGS, REPO, run_train, shrink_config
 
@@ -63,6 +64,26 @@ def test_missing_resume_checkpoint_is_an_error(tmp_path):
     config = shrink_config(CONFIGS / "teacher.yaml", tmp_path)
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
         run_train(config, tmp_path / "run", "--resume", str(tmp_path / "nothing.ckpt"))
+
+
+def test_resume_on_other_data_is_an_error_that_leaves_the_run_directory_untouched(tmp_path):
+    config = shrink_config(CONFIGS / "teacher.yaml", tmp_path)
+    run_dir = tmp_path / "run"
+    quick = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--adversarial.test_max_images", "8")
+    run_train(config, run_dir, *quick)
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()}
+    other_data = tmp_path / "other"
+    for name in ("NORMAL", "PNEUMONIA"):
+        (other_data / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (32, 32), color=40 * i).save(other_data / name / f"{i}.png")
+    with pytest.raises(ValueError, match=r"belongs to another run.*data_source: 'synthetic' in the checkpoint, 'folder' in this run.*--resume never"):
+        run_train(config, run_dir, *quick, "--data.source", "folder", "--data.root", str(other_data))
+    after = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in run_dir.rglob("*") if path.is_file()}
+    assert after == before
+    # The same command again resumes: the identity stored in the checkpoint is this run's.
+    run_train(config, run_dir, *quick[2:], "--trainer.max_epochs", "2")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 1
 
 
 def test_killed_run_resumes_from_last_checkpoint_at_the_next_epoch(tmp_path):

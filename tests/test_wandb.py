@@ -69,7 +69,7 @@ def test_offline_run_holds_metrics_config_and_report_and_resumes_the_same_run(fr
     monkeypatch.setenv("WANDB_MODE", "offline")  # conftest disables W&B
     config = shrink_config(CONFIGS / "teacher.yaml", tmp_path, max_steps=1)
     run_dir = tmp_path / "run"
-    quick = ("--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--adversarial.test_max_batches", "1")
+    quick = ("--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--adversarial.test_max_images", "32")
     run_train(config, run_dir, "--trainer.max_epochs", "1", *quick)
     metrics = run_train(config, run_dir, "--trainer.max_epochs", "2", *quick)  # resumes from last.ckpt
     fresh_wandb_session.teardown()  # waits for W&B's service process to write out the finished runs
