@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn  # noqa: E402
 
-from callbacks import AdversarialExampleCallback  # noqa: E402
+from callbacks import AdversarialExampleCallback, EpochSeeding  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
 
 RUN_DIR_ENV = "ROBUST_CXR_RUN_DIR"  # the resolved run directory, inherited by DDP worker processes
@@ -199,6 +199,7 @@ def build_cli(args: list[str] | None) -> RobustCXRCLI:
         seed_everything_default=0,
         save_config_callback=SaveConfigToWandb,
         save_config_kwargs={"overwrite": True},  # a resumed or requeued run rewrites its config.yaml
+        trainer_defaults={"callbacks": [EpochSeeding()]},  # added to the config's callbacks
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from datamodules.synthetic import generate_phantoms
 
@@ -77,6 +77,9 @@ class GrayscaleImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = self.images[index]
         if self.transform is not None:
+            # albumentations keeps a random state of its own, seeded from the OS; drawing its seed from torch makes
+            # augmentation follow the run's seed (and, in DataLoader workers, torch's per-worker seeds)
+            self.transform.set_random_seed(int(torch.randint(2**31, ())))
             image = self.transform(image=image)["image"]
         pixels = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0).unsqueeze(0)
         return {"image": pixels.expand(self.channels, -1, -1), "label": self.labels[index], "index": index}
@@ -203,15 +206,18 @@ class ChestXRayDataModule(L.LightningDataModule):
             self.setup()
         dataset = self.datasets[split]
         training = split == "train"
-        sampler = None
+        # Training shuffles from the global RNG when iteration starts (callbacks.EpochSeeding seeds it per epoch); the
+        # loader's own generator draws the workers' base seed when the iterator is made, which in a resumed run's first
+        # epoch is before that epoch's seeding.
+        sampler = RandomSampler(dataset) if training else None
         trainer = self.trainer
         if not training and trainer is not None and trainer.world_size > 1:
             sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=training,
             sampler=sampler,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             drop_last=training and len(dataset) > self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,

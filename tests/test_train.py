@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -86,3 +87,28 @@ def test_killed_run_resumes_from_last_checkpoint_at_the_next_epoch(tmp_path):
     assert "Epoch 0:" not in output, "the resumed run trained epoch 0 again"
     final = torch.load(last, map_location="cpu", weights_only=False)
     assert final["global_step"] == 3 * saved["global_step"]
+
+
+SHORT_FIT = ("--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+             "--adversarial.test_max_batches", "1")
+
+
+def test_two_runs_of_the_same_command_and_seed_give_identical_metrics(tmp_path):
+    config = shrink_config(CONFIGS / "teacher.yaml", tmp_path)  # training augmentation on, as in the config
+    first = run_train(config, tmp_path / "first", "--trainer.max_epochs", "1", *SHORT_FIT)
+    second = run_train(config, tmp_path / "second", "--trainer.max_epochs", "1", *SHORT_FIT)
+    assert first == second
+    assert (tmp_path / "first" / "metrics.csv").read_text() == (tmp_path / "second" / "metrics.csv").read_text()
+
+
+def test_a_resumed_run_keeps_every_metrics_row_and_trains_as_an_uninterrupted_one(tmp_path):
+    config = shrink_config(CONFIGS / "teacher.yaml", tmp_path)
+    uninterrupted = run_train(config, tmp_path / "uninterrupted", "--trainer.max_epochs", "2", *SHORT_FIT)
+    run_train(config, tmp_path / "resumed", "--trainer.max_epochs", "1", *SHORT_FIT)
+    resumed = run_train(config, tmp_path / "resumed", "--trainer.max_epochs", "2", *SHORT_FIT)
+    metrics_csv = (tmp_path / "resumed" / "metrics.csv").read_text()
+    epochs = {row["epoch"] for row in csv.DictReader(metrics_csv.splitlines()) if row["train/loss"]}
+    assert epochs == {"0", "1"}, "the rows of the first epoch were lost on resume"
+    # The first run's test rows (logged at the resume step) give way to the resumed run's rows; the rest is identical.
+    assert metrics_csv == (tmp_path / "uninterrupted" / "metrics.csv").read_text()
+    assert resumed == uninterrupted
