@@ -285,7 +285,7 @@ def _load_class_folders(class_root: Path, class_names: list[str], image_size: in
         files += class_files
         labels += [label] * len(class_files)
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        decoded = list(pool.map(lambda path: _decode_grayscale(path, image_size), files))
+        decoded = list(pool.map(lambda path: decode_grayscale(path, image_size), files))
     skipped = [str(path) for path, image in zip(files, decoded) if image is None]
     if skipped:
         if len(skipped) == len(files):
@@ -296,7 +296,7 @@ def _load_class_folders(class_root: Path, class_names: list[str], image_size: in
     return np.stack([decoded[i] for i in keep]), np.asarray(labels, dtype=np.int64)[keep]
 
 
-def _decode_grayscale(path: Path, image_size: int) -> np.ndarray | None:
+def decode_grayscale(path: Path, image_size: int) -> np.ndarray | None:
     """(S, S) uint8 for a readable image file, None for a corrupt or truncated one."""
     try:
         with Image.open(path) as image:
