@@ -27,16 +27,16 @@ from robust_cxr.deployment import export_classifier  # noqa: E402
 def exportable_classifier(checkpoint_or_run_dir: str | Path, classifier_only: bool = False) -> tuple[nn.Module, str, tuple[int, ...]]:
     """The module to export, its name and its input shape (1, C, S, S).
 
-    A stage deployed behind a defense (the diffusion purifier of purify-then-fine-tune) has no single-graph export: the
-    purifier is a Python loop over reverse steps that draws fresh noise at each, which a traced graph would freeze
-    into one fixed noise draw. It raises, unless `classifier_only` asks for its classifier alone.
+    A stage deployed behind a defense (the diffusion purifier of purify-then-fine-tune) is not exported: the purifier is
+    a Python loop over reverse diffusion steps, one UNet call each, on random noise, whose shape, step count and noise
+    a trace would fix to the example's. It raises, unless `classifier_only` asks for its classifier alone.
     """
     stage = load_classifier_module(checkpoint_or_run_dir, CLASSIFIER_COMMAND)
     deployed = stage.deployed_model()
     if deployed.defense != "none" and not classifier_only:
         raise ValueError(
-            f"{type(stage).__name__} is deployed behind {deployed.defense}, a loop over reverse diffusion steps with fresh "
-            "random noise at each, which one ONNX or TorchScript graph cannot hold. Export its fine-tuned classifier with "
+            f"{type(stage).__name__} is deployed behind {deployed.defense}, a Python loop over reverse diffusion steps on "
+            "random noise, which this export does not turn into one ONNX or TorchScript graph. Export its fine-tuned classifier with "
             "--classifier-only (it takes purified images) and purify with the purifier stage's diffusers export "
             "(runs/purifier/export) in front of it, or export the distilled student (configs/distill.yaml) instead."
         )

@@ -34,6 +34,7 @@ from datamodules.chest_xray import decode_grayscale  # noqa: E402
 from lightning_modules.classifier import CLASSIFIER_COMMAND, ImageClassifierModule, load_classifier_module  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.purification import PurifiedClassifier  # noqa: E402
+from robust_cxr.threat import DefendedModel  # noqa: E402
 
 LIST_SUFFIX = ".txt"
 
@@ -62,15 +63,15 @@ def read_image(path: Path, image_size: int) -> tuple[np.ndarray | None, str]:
     return pixels, ""
 
 
-def readable_batches(paths: list[Path], image_size: int, batch_size: int) -> Iterator[tuple[list[int], np.ndarray, list[tuple[Path, str]]]]:
+def readable_batches(paths: list[Path], image_size: int, batch_size: int) -> Iterator[tuple[list[int], np.ndarray, dict[int, str]]]:
     """Per batch of `batch_size` paths: the positions in `paths` of the readable files and their pixels (B, S, S) uint8,
-    and the unreadable files with the reason."""
+    and the positions of the unreadable files with the reason."""
     for start in range(0, len(paths), batch_size):
-        positions, pixels, unreadable = [], [], []
+        positions, pixels, unreadable = [], [], {}
         for position in range(start, min(start + batch_size, len(paths))):
             image, reason = read_image(paths[position], image_size)
             if image is None:
-                unreadable.append((paths[position], reason))
+                unreadable[position] = reason
             else:
                 positions.append(position)
                 pixels.append(image)
@@ -85,7 +86,8 @@ def predict(
     purified_dir: Path | None = None,
     seed: int = 0,
 ) -> list[dict[str, str]]:
-    """Classifies `paths` with the stage's deployed pipeline and its undefended classifier; writes and returns the rows.
+    """Classifies `paths` with the stage's deployed pipeline and its undefended classifier; writes and returns the rows,
+    one per path, in the order of `paths`.
 
     `purified_dir` receives each image after the purifier, as `<position in paths>_<name>.png`, for stages deployed
     behind one. The purifier's noise is drawn from `seed` per batch, the same for the pipeline and the saved images.
@@ -98,10 +100,10 @@ def predict(
         raise ValueError(f"--save-purified: the {type(stage).__name__} checkpoint is deployed without a purifier; leave the option out.")
     hp = stage.hparams
     class_names = list(hp.class_names or [str(label) for label in range(hp.num_classes)])
-    rows = []
+    rows: dict[int, dict[str, str]] = {}  # by position in `paths`
     with tqdm(total=len(paths), unit="image", desc="predict") as progress:
         for batch_number, (positions, pixels, unreadable) in enumerate(readable_batches(paths, hp.image_size, batch_size)):
-            rows += [{"path": str(path), "error": reason} for path, reason in unreadable]
+            rows.update({position: {"path": str(paths[position]), "error": reason} for position, reason in unreadable.items()})
             if positions:
                 images = torch.from_numpy(pixels).float().div_(255.0).unsqueeze(1).expand(-1, hp.in_chans, -1, -1)
                 batch_rows = _classify(deployed, images, [paths[position] for position in positions], class_names, seed + batch_number)
@@ -111,13 +113,14 @@ def predict(
                         purified = purifier(images)
                     for row, position, image in zip(batch_rows, positions, purified):
                         row["purified_path"] = str(_save_png(image, purified_dir / f"{position:06d}_{paths[position].stem}.png"))
-                rows += batch_rows
+                rows.update(zip(positions, batch_rows))
             progress.update(len(positions) + len(unreadable))
-    _write_csv(rows, class_names, output, with_purified=purified_dir is not None)
-    return rows
+    ordered = [rows[position] for position in sorted(rows)]
+    _write_csv(ordered, class_names, output, with_purified=purified_dir is not None)
+    return ordered
 
 
-def _classify(deployed, images: torch.Tensor, paths: list[Path], class_names: list[str], seed: int) -> list[dict[str, str]]:
+def _classify(deployed: DefendedModel, images: torch.Tensor, paths: list[Path], class_names: list[str], seed: int) -> list[dict[str, str]]:
     """Rows of the deployed pipeline's and the undefended classifier's predictions for images (B, C, S, S) in [0, 1]."""
     with torch.inference_mode(), torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -37,6 +37,6 @@ def test_the_purifier_pipeline_is_refused_with_what_to_export_instead(tiny_stage
     checkpoint = str(tiny_stage_checkpoints["purify_finetune"])
     with pytest.raises(ValueError, match="--classifier-only") as error:
         export_main([checkpoint, "--output", str(tmp_path)])
-    assert "random noise" in str(error.value)
+    assert "reverse diffusion steps" in str(error.value)
     paths = export_main([checkpoint, "--output", str(tmp_path), "--classifier-only"])
     assert paths["onnx"].is_file() and paths["torchscript"].is_file()

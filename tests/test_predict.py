@@ -19,6 +19,7 @@ from datamodules.chest_xray import SYNTHETIC_CLASS_NAMES
 from datamodules.synthetic import generate_phantoms
 from lightning_modules import TeacherClassifier
 from lightning_modules.classifier import CLASSIFIER_COMMAND, load_classifier_module
+from predict import input_paths
 from predict import main as predict_main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -84,6 +85,7 @@ def test_unreadable_files_are_rows_with_the_reason_and_never_stop_the_run(tiny_s
     (folder / "normal" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
     (folder / "notes.txt").write_text("not an image\n")
     rows = predict_main([str(tiny_stage_checkpoints["student"]), str(folder), "--output", str(tmp_path / "folder.csv"), "--batch-size", "2"])
+    assert [row["path"] for row in rows] == [str(path) for path in input_paths(folder)], "rows out of the input order"
     errors = {Path(row["path"]).name: row["error"] for row in rows if row["error"]}
     assert set(errors) == {"corrupt.png", "notes.txt"} and all("not a readable image" in reason for reason in errors.values())
     assert sum(bool(row.get("prediction")) for row in rows) == 4
