@@ -1,7 +1,9 @@
 """Train, then test, any stage from its YAML config.
 
     python train.py --config configs/teacher.yaml [--section.key=value ...]
+    python train.py --config teacher              # a config name without a folder is looked up in configs/
     python train.py --help          # every option, with its default
+    python train.py ... --debug     # the full traceback of an error, not just its message
 
 Everything a run leaves goes under `--run_dir` (default from the config): `checkpoints/`
 (`best.ckpt`, `last.ckpt`), the resolved `config.yaml`, `metrics.csv`, `test_metrics.json`, the
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
@@ -28,9 +31,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn  # noqa: E402
 
-from callbacks import AdversarialExampleCallback  # noqa: E402
+from callbacks import AdversarialExampleCallback, EpochSeeding  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
+from robust_cxr.cli_errors import run_cli  # noqa: E402
 
+CONFIG_FOLDER = Path(__file__).resolve().parent / "configs"  # where `--config NAME` is looked up
 RUN_DIR_ENV = "ROBUST_CXR_RUN_DIR"  # the resolved run directory, inherited by DDP worker processes
 WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run directory: one W&B run per run directory, across resumes and requeues
 RUN_IDENTITY_KEY = "run_identity"  # in every checkpoint: what model and data it belongs to
@@ -64,6 +69,10 @@ class RobustCXRCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.in_chans")
         parser.link_arguments("data.image_size", "model.init_args.image_size")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        """Parses `args` (default: the command line) into ``self.config``, config names looked up in `CONFIG_FOLDER`."""
+        self.config = parser.parse_args(with_config_folder(sys.argv[1:] if args is None else args))
 
     def before_instantiate_classes(self) -> None:
         config = self.config
@@ -128,6 +137,28 @@ def wandb_run_id(run_dir: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
     return run_id
+
+
+def with_config_folder(args: list[str]) -> list[str]:
+    """`args` with each ``--config NAME`` that is no file but names one in `CONFIG_FOLDER` (``distill``, ``distill.yaml``)
+    replaced by that file's path."""
+    resolved = list(args)
+    for position, argument in enumerate(resolved):
+        option, equals, value = argument.partition("=")
+        if option != "--config":
+            continue
+        if not equals:
+            if position + 1 == len(resolved):
+                break
+            position, value = position + 1, resolved[position + 1]
+        path = Path(value)
+        if path.is_file() or path.parent != Path("."):
+            continue
+        for candidate in (CONFIG_FOLDER / path.name, CONFIG_FOLDER / f"{path.name}.yaml"):
+            if candidate.is_file():
+                resolved[position] = f"--config={candidate}" if equals else str(candidate)
+                break
+    return resolved
 
 
 def resolve_run_dir(requested: Path, resume: str) -> Path:
@@ -241,6 +272,8 @@ def build_cli(args: list[str] | None) -> RobustCXRCLI:
         seed_everything_default=0,
         save_config_callback=SaveConfigToWandb,
         save_config_kwargs={"overwrite": True},  # a resumed or requeued run rewrites its config.yaml
+        parser_kwargs={"exit_on_error": False},  # a bad option raises, for run_cli to print without the whole usage
+        trainer_defaults={"callbacks": [EpochSeeding()]},  # added to the config's callbacks
     )
 
 
@@ -267,4 +300,4 @@ def _fit_and_test(args: list[str] | None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

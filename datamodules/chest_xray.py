@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from datamodules.synthetic import generate_phantoms
 
@@ -82,6 +82,9 @@ class GrayscaleImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = self.images[index]
         if self.transform is not None:
+            # albumentations keeps a random state of its own, seeded from the OS; drawing its seed from torch makes
+            # augmentation follow the run's seed (and, in DataLoader workers, torch's per-worker seeds)
+            self.transform.set_random_seed(int(torch.randint(2**31, ())))
             image = self.transform(image=image)["image"]
         pixels = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0).unsqueeze(0)
         return {"image": pixels.expand(self.channels, -1, -1), "label": self.labels[index], "index": index}
@@ -209,15 +212,18 @@ class ChestXRayDataModule(L.LightningDataModule):
             self.setup()
         dataset = self.datasets[split]
         training = split == "train"
-        sampler = None
+        # Training shuffles from the global RNG when iteration starts (callbacks.EpochSeeding seeds it per epoch); the
+        # loader's own generator draws the workers' base seed when the iterator is made, which in a resumed run's first
+        # epoch is before that epoch's seeding.
+        sampler = RandomSampler(dataset) if training else None
         trainer = self.trainer
         if not training and trainer is not None and trainer.world_size > 1:
             sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=training,
             sampler=sampler,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             drop_last=training and len(dataset) > self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
@@ -285,7 +291,7 @@ def _load_class_folders(class_root: Path, class_names: list[str], image_size: in
         files += class_files
         labels += [label] * len(class_files)
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        decoded = list(pool.map(lambda path: _decode_grayscale(path, image_size), files))
+        decoded = list(pool.map(lambda path: decode_grayscale(path, image_size), files))
     skipped = [str(path) for path, image in zip(files, decoded) if image is None]
     if skipped:
         if len(skipped) == len(files):
@@ -296,7 +302,7 @@ def _load_class_folders(class_root: Path, class_names: list[str], image_size: in
     return np.stack([decoded[i] for i in keep]), np.asarray(labels, dtype=np.int64)[keep]
 
 
-def _decode_grayscale(path: Path, image_size: int) -> np.ndarray | None:
+def decode_grayscale(path: Path, image_size: int) -> np.ndarray | None:
     """(S, S) uint8 for a readable image file, None for a corrupt or truncated one."""
     try:
         with Image.open(path) as image:

@@ -78,9 +78,14 @@ class ImageClassifierModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def deployed_model(self) -> DefendedModel:
+        """What this stage deploys: its ``pipeline`` is this module's `forward` (any defense, then the classifier) and its
+        ``classifier`` the classifier without the defense; both map [0, 1] images (B, C, H, W) to logits (B, K)."""
+        return DefendedModel(self.report_name, "none", self.model, self.model)
+
     def robustness_subjects(self) -> list[DefendedModel]:
         """The deployed models the adversarial callback evaluates (see `DefendedModel`)."""
-        return [DefendedModel(self.report_name, "none", self.model, self.model)]
+        return [self.deployed_model()]
 
     def adversarial_training_source(self) -> nn.Module:
         """The module that adversarial-training attacks follow: the classifier being trained."""
@@ -131,6 +136,7 @@ class ImageClassifierModule(L.LightningModule):
 
 
 TEACHER_COMMAND = "python train.py --config configs/teacher.yaml"  # what writes runs/teacher/checkpoints/best.ckpt
+CLASSIFIER_COMMAND = "python train.py --config configs/<stage>.yaml"  # what writes any classifier stage's checkpoint
 
 
 def load_classifier_module(
@@ -138,10 +144,12 @@ def load_classifier_module(
 ) -> ImageClassifierModule:
     """The stage module saved in `checkpoint_path` (any `ImageClassifierModule`), on the CPU, frozen, in eval mode.
 
-    `made_by` is the command that writes such a checkpoint, quoted in the error when the file is missing. When
+    `checkpoint_path` is a checkpoint file or a run directory, whose `checkpoints/best.ckpt` is read. `made_by` is the command that writes such a checkpoint, quoted in the error when the file is missing. When
     given, `num_classes` and `class_names` (the data's) must match the classes the module was trained on.
     """
     path = Path(checkpoint_path)
+    if path.is_dir():
+        path = path / "checkpoints" / "best.ckpt"
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist. Make it with `{made_by}`, or pass the path of another checkpoint.")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)

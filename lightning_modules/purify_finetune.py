@@ -63,7 +63,7 @@ class PurifyThenFinetune(ImageClassifierModule):
         self.register_frozen("purifier", purifier)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return PurifiedClassifier(self.purifier, self.model, self.hparams.n_repeats)(images)
+        return self.deployed_model().pipeline(images)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's loss on the batch purified at a t* drawn from `train_t_star_range`."""
@@ -79,13 +79,18 @@ class PurifyThenFinetune(ImageClassifierModule):
         steps = min(hp.steps, t_star)
         return Purifier(self.purifier.unet, self.purifier.scheduler, t_star=t_star, method=hp.method, steps=steps, eta=hp.eta)
 
+    def deployed_model(self) -> DefendedModel:
+        """The purifier then the fine-tuned classifier (this module's `forward`), and the fine-tuned classifier alone."""
+        pipeline = PurifiedClassifier(self.purifier, self.model, self.hparams.n_repeats)
+        return DefendedModel(self.report_name, f"purifier/{self.purifier.label}", self.model, pipeline)
+
     def robustness_subjects(self) -> list[DefendedModel]:
         """The classifier alone, the classifier behind the purifier, and the fine-tuned classifier behind it."""
-        defense = f"purifier/{self.purifier.label}"
-        repeats = self.hparams.n_repeats
+        deployed = self.deployed_model()
+        defended_teacher = PurifiedClassifier(self.purifier, self.teacher, self.hparams.n_repeats)
         return [
             DefendedModel("teacher", "none", self.teacher, self.teacher),
-            DefendedModel("teacher", defense, self.teacher, PurifiedClassifier(self.purifier, self.teacher, repeats)),
-            DefendedModel(self.report_name, defense, self.model, PurifiedClassifier(self.purifier, self.model, repeats)),
+            DefendedModel("teacher", deployed.defense, self.teacher, defended_teacher),
+            deployed,
         ]
 

@@ -79,3 +79,42 @@ def teacher_run(tmp_path_factory) -> Path:
     run_dir = directory / "run"
     run_train(config, run_dir, "--trainer.max_epochs", "10")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_stage_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints of the classifier stages at 32 px: ``teacher`` (tiny hybrid ViT, 3 steps), ``student`` (SmallCNN with
+    the teacher's stage but trained on the labels alone, 8 epochs: above chance) and ``purify_finetune`` (the teacher
+    behind a tiny untrained purifier, 3 steps)."""
+    import lightning as L
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from datamodules import ChestXRayDataModule
+    from datamodules.chest_xray import SYNTHETIC_CLASS_NAMES
+    from lightning_modules import DistilledStudent, PurifyThenFinetune, TeacherClassifier
+    from robust_cxr.purification import Purifier
+
+    directory = tmp_path_factory.mktemp("stages")
+    L.seed_everything(0, verbose=False)  # the same checkpoints whichever tests ran before
+    data = ChestXRayDataModule(image_size=32, synthetic_samples=240, batch_size=32, num_workers=0)
+    purifier_dir = directory / "purifier"
+    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, **TINY_UNET)
+    Purifier(unet, DDPMScheduler(num_train_timesteps=100), t_star=20).save_pretrained(purifier_dir)
+    common = dict(num_classes=2, class_names=list(SYNTHETIC_CLASS_NAMES), image_size=32)
+    paths: dict[str, Path] = {}
+
+    def fit_and_save(name: str, module: L.LightningModule, **limits: int) -> None:
+        limits = limits or dict(max_epochs=1, limit_train_batches=3)
+        trainer = L.Trainer(accelerator="cpu", **limits, limit_val_batches=0, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=directory)
+        trainer.fit(module, datamodule=data)
+        paths[name] = directory / f"{name}.ckpt"
+        trainer.save_checkpoint(paths[name])
+
+    fit_and_save("teacher", TeacherClassifier(model_kwargs=TINY_VIT, **common))
+    fit_and_save("student", DistilledStudent(teacher_ckpt=str(paths["teacher"]), purifier_dir=None, alpha=0.0, lr=3e-3, **common),
+                 max_epochs=8)
+    fit_and_save("purify_finetune", PurifyThenFinetune(teacher_ckpt=str(paths["teacher"]), purifier_dir=str(purifier_dir), t_star=20,
+                                                       steps=2, train_t_star_range=(10, 20), **common))
+    return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -107,3 +108,65 @@ def test_killed_run_resumes_from_last_checkpoint_at_the_next_epoch(tmp_path):
     assert "Epoch 0:" not in output, "the resumed run trained epoch 0 again"
     final = torch.load(last, map_location="cpu", weights_only=False)
     assert final["global_step"] == 3 * saved["global_step"]
+
+
+SHORT_FIT = ("--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+             "--adversarial.test_max_batches", "1")
+
+
+def test_two_runs_of_the_same_command_and_seed_give_identical_metrics(tmp_path):
+    config = shrink_config(CONFIGS / "teacher.yaml", tmp_path)  # training augmentation on, as in the config
+    first = run_train(config, tmp_path / "first", "--trainer.max_epochs", "1", *SHORT_FIT)
+    second = run_train(config, tmp_path / "second", "--trainer.max_epochs", "1", *SHORT_FIT)
+    assert first == second
+    assert (tmp_path / "first" / "metrics.csv").read_text() == (tmp_path / "second" / "metrics.csv").read_text()
+
+
+def test_a_resumed_run_keeps_every_metrics_row_and_trains_as_an_uninterrupted_one(tmp_path):
+    config = shrink_config(CONFIGS / "teacher.yaml", tmp_path)
+    uninterrupted = run_train(config, tmp_path / "uninterrupted", "--trainer.max_epochs", "2", *SHORT_FIT)
+    run_train(config, tmp_path / "resumed", "--trainer.max_epochs", "1", *SHORT_FIT)
+    resumed = run_train(config, tmp_path / "resumed", "--trainer.max_epochs", "2", *SHORT_FIT)
+    metrics_csv = (tmp_path / "resumed" / "metrics.csv").read_text()
+    epochs = {row["epoch"] for row in csv.DictReader(metrics_csv.splitlines()) if row["train/loss"]}
+    assert epochs == {"0", "1"}, "the rows of the first epoch were lost on resume"
+    # The first run's test rows (logged at the resume step) give way to the resumed run's rows; the rest is identical.
+    assert metrics_csv == (tmp_path / "uninterrupted" / "metrics.csv").read_text()
+    assert resumed == uninterrupted
+
+
+def _run_train_py(*arguments: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *arguments], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_a_missing_checkpoint_prints_a_short_message_without_traceback_unless_debug(tmp_path):
+    arguments = ("--config", "configs/distill.yaml", "--model.init_args.teacher_ckpt", "nowhere.ckpt", "--run_dir", str(tmp_path / "run"))
+    result = _run_train_py(*arguments)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 4, result.stderr
+    assert "nowhere.ckpt" in result.stderr and "python train.py --config configs/teacher.yaml" in result.stderr
+    debugged = _run_train_py(*arguments, "--debug")
+    assert debugged.returncode != 0 and "Traceback" in debugged.stderr and "FileNotFoundError" in debugged.stderr
+
+
+def test_a_bad_option_value_prints_the_option_without_the_usage(tmp_path):
+    result = _run_train_py("--config", "configs/teacher.yaml", "--data.source", "bogus", "--run_dir", str(tmp_path / "run"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "data.source" in result.stderr and "bogus" in result.stderr and "--adversarial.seed" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["distill.yaml", "distill"])
+def test_a_config_name_without_a_folder_is_looked_up_in_configs(name, tmp_path):
+    result = _run_train_py("--config", name, "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "lightning_modules.DistilledStudent" in result.stdout
+
+
+def test_config_lookup_leaves_existing_files_and_paths_with_folders_alone(tmp_path, monkeypatch):
+    from train import with_config_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "distill.yaml").write_text("{}")
+    assert with_config_folder(["--config", "distill.yaml"]) == ["--config", "distill.yaml"]
+    assert with_config_folder(["--config=other/distill.yaml"]) == ["--config=other/distill.yaml"]
+    assert with_config_folder(["--config=teacher"]) == [f"--config={CONFIGS / 'teacher.yaml'}"]

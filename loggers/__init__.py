@@ -1,0 +1,5 @@
+"""Lightning loggers of the project."""
+
+from loggers.resumable_csv import ResumableCSVLogger
+
+__all__ = ["ResumableCSVLogger"]
