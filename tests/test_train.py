@@ -111,7 +111,7 @@ def test_killed_run_resumes_from_last_checkpoint_at_the_next_epoch(tmp_path):
 
 
 SHORT_FIT = ("--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
-             "--adversarial.test_max_batches", "1")
+             "--adversarial.test_max_images", "32")
 
 
 def test_two_runs_of_the_same_command_and_seed_give_identical_metrics(tmp_path):
