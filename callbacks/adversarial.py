@@ -287,9 +287,8 @@ class AdversarialExampleCallback(Callback):
                 logged = {"robust_acc": result["robust_acc"], "robust_balanced_acc": result["robust_balanced_acc"],
                           "attack_success": result["attack_success"], "perturbation": result["perturbation"],
                           **{f"robust_{name}": value for name, value in zip(recalls, result["robust_recall"])}}
-                for name, value in logged.items():
-                    if not math.isnan(value):  # e.g. no image fooled, so no perturbation size; the same on every rank
-                        pl_module.log(f"{stage}/{name}/{attack}{suffix}", value, sync_dist=True)
+                for name, value in logged.items():  # NaN where undefined (no image fooled, a class absent): same keys every run
+                    pl_module.log(f"{stage}/{name}/{attack}{suffix}", value, sync_dist=True)
             executed = spec.executed if spec else dict(steps=None, eot_samples=None, version=None)
             rows.append(
                 dict(
