@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def shrink_config(config: str | Path, directory: Path, max_steps: int = 2, keep_
     path = directory / f"tiny_{Path(config).name}"
     path.write_text(yaml.safe_dump(settings))
     return path
+
+
+def without_nan(metrics: dict[str, float]) -> dict[str, float | None]:
+    """`metrics` with NaN (a robustness figure with nothing to measure, e.g. no image fooled) as None, so that two
+    runs' metrics compare with `==` (NaN equals nothing, itself included)."""
+    return {name: None if math.isnan(value) else value for name, value in metrics.items()}
 
 
 def run_train(config: Path, run_dir: Path, *overrides: str) -> dict[str, float]:
