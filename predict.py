@@ -33,7 +33,6 @@ from tqdm import tqdm  # noqa: E402
 from datamodules.chest_xray import decode_grayscale  # noqa: E402
 from lightning_modules.classifier import CLASSIFIER_COMMAND, ImageClassifierModule, load_classifier_module  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
-from robust_cxr.purification import PurifiedClassifier  # noqa: E402
 from robust_cxr.threat import DefendedModel  # noqa: E402
 
 LIST_SUFFIX = ".txt"
@@ -95,7 +94,7 @@ def predict(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
     deployed = stage.deployed_model()
-    purifier = deployed.pipeline.purifier if isinstance(deployed.pipeline, PurifiedClassifier) else None
+    purifier = deployed.defense_module
     if purified_dir is not None and purifier is None:
         raise ValueError(f"--save-purified: the {type(stage).__name__} checkpoint is deployed without a purifier; leave the option out.")
     hp = stage.hparams

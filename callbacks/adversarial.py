@@ -39,7 +39,6 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from robust_cxr.attacks import AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
 from robust_cxr.metrics import RobustnessCounts, recall_names
-from robust_cxr.purification import PurifiedClassifier
 from robust_cxr.reports import save_adversarial_grid, write_robustness_report
 from robust_cxr.threat import DefendedModel
 
@@ -224,8 +223,8 @@ class AdversarialExampleCallback(Callback):
         images, labels, keys = images[selected], labels[selected], None if keys is None else keys[selected]
         dtype = _attack_dtype(trainer)
         seed = self.seed + _RANK_SEED_STRIDE * trainer.global_rank + _BATCH_SEED_STRIDE * batch_idx
-        # The grid shows the first defended subject (with its purified images) when there is one.
-        grid_subject = next((s for s in self._subjects if isinstance(s.pipeline, PurifiedClassifier)), self._subjects[0])
+        # The grid shows the first defended subject (with its defense's output) when there is one.
+        grid_subject = next((s for s in self._subjects if s.defense_module is not None), self._subjects[0])
         for subject in self._subjects:
             with _seeded_global_rng(seed, images.device):
                 clean_predictions = _predict(subject.pipeline, images, dtype)
@@ -253,10 +252,10 @@ class AdversarialExampleCallback(Callback):
                         clean_predictions=clean_predictions[chosen][:n], adversarial_predictions=adversarial_predictions[:n],
                         eps=spec.eps, purified=None,
                     )
-        if self._grid is not None and self._grid["purified"] is None and isinstance(grid_subject.pipeline, PurifiedClassifier):
+        if self._grid is not None and self._grid["purified"] is None and grid_subject.defense_module is not None:
             # Its own noise stream, so that showing purified images changes no row.
             with _seeded_global_rng(seed + len(self.attacks) + 1, images.device), torch.no_grad():
-                self._grid["purified"] = grid_subject.pipeline.purifier(self._grid["adversarial"])
+                self._grid["purified"] = grid_subject.defense_module(self._grid["adversarial"])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_results("val", pl_module)

@@ -82,7 +82,7 @@ class PurifyThenFinetune(ImageClassifierModule):
     def deployed_model(self) -> DefendedModel:
         """The purifier then the fine-tuned classifier (this module's `forward`), and the fine-tuned classifier alone."""
         pipeline = PurifiedClassifier(self.purifier, self.model, self.hparams.n_repeats)
-        return DefendedModel(self.report_name, f"purifier/{self.purifier.label}", self.model, pipeline)
+        return DefendedModel(self.report_name, f"purifier/{self.purifier.label}", self.model, pipeline, defense_module=self.purifier)
 
     def robustness_subjects(self) -> list[DefendedModel]:
         """The classifier alone, the classifier behind the purifier, and the fine-tuned classifier behind it."""
@@ -90,7 +90,7 @@ class PurifyThenFinetune(ImageClassifierModule):
         defended_teacher = PurifiedClassifier(self.purifier, self.teacher, self.hparams.n_repeats)
         return [
             DefendedModel("teacher", "none", self.teacher, self.teacher),
-            DefendedModel("teacher", deployed.defense, self.teacher, defended_teacher),
+            DefendedModel("teacher", deployed.defense, self.teacher, defended_teacher, defense_module=self.purifier),
             deployed,
         ]
 

@@ -141,7 +141,8 @@ class DistilledStudent(ImageClassifierModule):
         ]
         if self.hparams.purifier_dir is not None:
             defense = f"purifier/{self.purifier.label}"
-            subjects.append(DefendedModel("teacher", defense, self.teacher, self.defended_teacher, threat_models=("graybox",)))
+            subjects.append(DefendedModel("teacher", defense, self.teacher, self.defended_teacher, threat_models=("graybox",),
+                                          defense_module=self.purifier))
         return subjects
 
     def on_test_epoch_end(self) -> None:

@@ -21,6 +21,8 @@ class DefendedModel:
         pipeline: defense then classifier, what is deployed and scored (the classifier itself
             when `defense` is ``none``).
         transfer_source: another model whose attacks are transferred (e.g. the teacher).
+        defense_module: what stands in front of the classifier, [0, 1] images -> [0, 1] images (the purifier), or
+            None; the report grid and `predict.py` show its output.
         threat_models: the threat models it is attacked under; e.g. leave out ``whitebox`` where a stage
             reports a purifier's white-box robustness elsewhere, since each white-box step runs the
             reverse diffusion forward and backward.
@@ -31,6 +33,7 @@ class DefendedModel:
     classifier: nn.Module
     pipeline: nn.Module
     transfer_source: nn.Module | None = None
+    defense_module: nn.Module | None = None
     threat_models: tuple[ThreatModel, ...] = get_args(ThreatModel)
 
     @property

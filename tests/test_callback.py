@@ -253,7 +253,8 @@ def _noisy_purified_subjects(model: TeacherClassifier, names: tuple[str, ...]) -
     unet = UNet2DModel(sample_size=64, in_channels=1, out_channels=1, **TINY_UNET)
     purifier = Purifier(unet, DDPMScheduler(), t_star=999, method="ddim", steps=2, eta=1.0, differentiable=True)
     pipeline = PurifiedClassifier(purifier, noise_sensitive)
-    model.robustness_subjects = lambda: [DefendedModel(name, "purifier/noisy", noise_sensitive, pipeline) for name in names]
+    model.robustness_subjects = lambda: [DefendedModel(name, "purifier/noisy", noise_sensitive, pipeline, defense_module=purifier)
+                                       for name in names]
 
 
 def test_subjects_are_scored_on_the_same_purification_noise_with_the_grid_on(tmp_path):
