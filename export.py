@@ -6,7 +6,8 @@
     python export.py ... --debug                       # the full traceback of an error, not just its message
 
 The exported model is the stage's deployed classifier with its normalization inside: images (B, C, S, S) float32 in
-[0, 1] -> logits (B, K), C and S those of the checkpoint, any batch size B (a dynamic axis of the ONNX graph).
+[0, 1] -> logits (B, K) at the checkpoint's operating point (argmax is its decision), C and S those of the checkpoint,
+any batch size B (a dynamic axis of the ONNX graph).
 """
 
 from __future__ import annotations

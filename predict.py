@@ -10,7 +10,8 @@ resized to the checkpoint's image size, replicated to its input channels, [0, 1]
 
 The CSV has one row per input file: `path`; `prediction`, the class the deployed pipeline predicts (for
 purify-then-fine-tune, the purifier then the fine-tuned classifier; for other stages, the classifier), and
-`probability/<class>` for each class; `undefended_prediction`, the class the classifier predicts without the
+`probability/<class>` for each class, at the checkpoint's operating point (for a threshold chosen with
+`target_sensitivity`, P(class 1) > 0.5 exactly where the decision is class 1); `undefended_prediction`, the class the classifier predicts without the
 purifier (the same model for stages without one), and `disagree`; `purified_path` with `--save-purified`; and `error`,
 why a file could not be classified (missing, unreadable, not an image), its other columns then empty.
 """

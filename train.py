@@ -212,7 +212,8 @@ class RunIdentity(Callback):
 
 
 def run_identity(cli: LightningCLI) -> dict:
-    """What a run's checkpoints belong to: the model class and the data (source, root, seed and split, classes, size)."""
+    """What a run's checkpoints belong to: the model class and the data (source, root, seed, split and subsampling,
+    classes, size)."""
     data = cli.datamodule.hparams
     return dict(
         model=f"{type(cli.model).__module__}.{type(cli.model).__qualname__}",
@@ -221,6 +222,7 @@ def run_identity(cli: LightningCLI) -> dict:
         data_seed=data.seed,
         data_split=list(data.split),
         synthetic_samples=data.synthetic_samples if data.source == "synthetic" else None,
+        class_ratio=dict(data.class_ratio) if data.class_ratio else None,
         class_names=list(cli.datamodule.class_names),
         image_size=data.image_size,
         channels=data.channels,

@@ -7,9 +7,10 @@ How it plugs in:
   versions of the first `train_fraction` of the batch against the module's
   `adversarial_training_source()` and either replaces those images by them (PGD-AT), or, with
   `trades_beta`, adds them as ``adversarial_image`` with ``trades_beta`` for the module's TRADES
-  loss. A module that defines `adversarial_training_targets(images, labels) -> (targets, loss_fn)`
-  (e.g. robust distillation) chooses what the attack ascends, ``loss_fn(logits, targets)`` (None:
-  cross-entropy with `targets` as labels), and gets the result added as ``adversarial_image``
+  loss. A module that defines `adversarial_training_targets(batch, count) -> (batch, targets, loss_fn)`
+  (e.g. robust distillation) chooses what the attack on the first `count` images ascends,
+  ``loss_fn(logits, targets)`` (None: cross-entropy with `targets` as labels), may add what it
+  computed on the way to the batch it returns, and gets the result added as ``adversarial_image``
   beside its clean images.
 - Evaluation: after each validation / test batch the callback attacks the module's
   `robustness_subjects()` on that rank's batch (under `enable_grad` and outside inference mode),
@@ -149,7 +150,7 @@ class AdversarialExampleCallback(Callback):
             autocast_dtype=_attack_dtype(trainer),
         )
         if hasattr(pl_module, "adversarial_training_targets"):
-            targets, loss_fn = pl_module.adversarial_training_targets(images, labels)
+            batch, targets, loss_fn = pl_module.adversarial_training_targets(batch, count)
             added = {}
         elif self.trades_beta is not None:
             with attacking(source):
@@ -293,6 +294,7 @@ class AdversarialExampleCallback(Callback):
                 dict(
                     model=subject.model,
                     defense=subject.defense,
+                    threshold=subject.decision_threshold,
                     attack=attack,
                     threat_model=spec.threat_model if spec else "none",
                     norm=spec.norm if spec else "none",

@@ -105,6 +105,44 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return iter(range(self.rank, len(self.dataset), self.num_replicas))
 
 
+class ClassBalancedSampler(DistributedSampler):
+    """Training indices in which every class gets an equal share of each epoch's draws.
+
+    Each epoch draws one global sequence of N indices (N = len(labels), rounded up to a multiple of num_replicas):
+    N/K for each of the K classes present (the remainder to randomly chosen classes, one each), a class's share taken
+    by cycling through fresh random permutations of its members, so each of its images is drawn equally often, within
+    one; the sequence is then shuffled. The draw is seeded by (seed, epoch), so every rank computes the same sequence
+    and a resumed run draws the epoch an uninterrupted one would; rank r yields ``sequence[r::num_replicas]``.
+    Subclassing `DistributedSampler` keeps Lightning from replacing it under DDP; Lightning calls `set_epoch`.
+
+    Args:
+        labels: (N,) int class of each image, as np.ndarray or tensor.
+        num_replicas, rank: the number of processes and this one's rank.
+        seed: seeds the draws together with the epoch.
+    """
+
+    def __init__(self, labels: np.ndarray | torch.Tensor, num_replicas: int, rank: int, seed: int):
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        super().__init__(range(len(self.labels)), num_replicas=num_replicas, rank=rank, seed=seed)
+
+    def __iter__(self):
+        # (seed, epoch) hashed together, not seed + epoch, so runs of neighbouring seeds do not share epochs
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        classes = self.labels.unique()
+        shares = torch.full((len(classes),), self.total_size // len(classes))
+        shares[torch.randperm(len(classes), generator=generator)[: self.total_size % len(classes)]] += 1
+        draws = []
+        for label, share in zip(classes, shares.tolist()):
+            members = torch.nonzero(self.labels == label).squeeze(1)
+            cycles = -(-share // len(members))
+            permutations = torch.rand(cycles, len(members), generator=generator).argsort(dim=1)
+            draws.append(members[permutations].flatten()[:share])
+        sequence = torch.cat(draws)
+        sequence = sequence[torch.randperm(len(sequence), generator=generator)]
+        return iter(sequence[self.rank :: self.num_replicas].tolist())
+
+
 class ChestXRayDataModule(L.LightningDataModule):
     """Chest X-ray classification data from one of three sources.
 
@@ -118,6 +156,11 @@ class ChestXRayDataModule(L.LightningDataModule):
         split: train/val/test fractions for sources without their own splits (stratified, seeded).
         synthetic_samples: number of phantoms generated in total for ``synthetic``.
         class_names: overrides the names of the classes (e.g. for `.npz` files, which carry none).
+        class_ratio: {class name: ratio} subsamples each named class, in every split, to round(ratio * n) images,
+            n being the size of the largest class not named (e.g. ``{PNEUMONIA: 0.25}`` keeps 1 PNEUMONIA image
+            per 4 NORMAL ones); which images stay is seeded by `seed` and the split.
+        balanced_sampling: training draws every class equally often each epoch (`ClassBalancedSampler`) instead of
+            shuffling the training split.
     """
 
     def __init__(
@@ -133,6 +176,8 @@ class ChestXRayDataModule(L.LightningDataModule):
         synthetic_samples: int = 3000,
         augmentation: Augmentation | None = None,
         class_names: list[str] | None = None,
+        class_ratio: dict[str, float] | None = None,
+        balanced_sampling: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model logs the resolved names
@@ -146,6 +191,7 @@ class ChestXRayDataModule(L.LightningDataModule):
                 f"({discovered}); give one name per class or leave it unset."
             )
         self._class_names = list(class_names) if class_names is not None else discovered
+        _check_class_ratio(class_ratio or {}, self._class_names)
         self.datasets: dict[str, GrayscaleImageDataset] = {}
 
     @property
@@ -156,6 +202,11 @@ class ChestXRayDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self._class_names)
+
+    def class_counts(self, split: str = "train") -> torch.Tensor:
+        """(K,) int64 number of images of each class in `split`."""
+        self.setup()
+        return torch.bincount(self.datasets[split].labels, minlength=self.num_classes)
 
     def _discover_class_names(self) -> list[str]:
         if self.hparams.source == "synthetic":
@@ -176,9 +227,35 @@ class ChestXRayDataModule(L.LightningDataModule):
         else:
             splits = self._medmnist_splits()
         for name, (images, labels) in splits.items():
+            images, labels = self._apply_class_ratio(name, images, labels)
             order = interleaved_order(labels, hp.seed)
             transform = self.augmentation.build() if name == "train" else None
             self.datasets[name] = GrayscaleImageDataset(images[order], labels[order], hp.channels, transform)
+
+    def _apply_class_ratio(self, split: str, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keeps round(ratio * n) seeded images of each class of `class_ratio`, n the largest unnamed class's size."""
+        ratios = self.hparams.class_ratio
+        if not ratios or len(labels) == 0:
+            return images, labels
+        named = [self.class_names.index(name) for name in ratios]
+        counts = np.bincount(labels, minlength=self.num_classes)
+        unnamed = np.setdiff1d(np.arange(self.num_classes), named)
+        reference = unnamed[counts[unnamed].argmax()]
+        reference_count = int(counts[reference])
+        keep = ~np.isin(labels, named)
+        for name, label in zip(ratios, named):
+            ratio, count = ratios[name], int(counts[label])
+            kept = round(ratio * reference_count)
+            if kept > count:
+                raise ValueError(
+                    f"--data.class_ratio {name}: {ratio} needs {kept} {name} images in the {split} split, which has "
+                    f"{count} for {reference_count} {self.class_names[reference]}: the largest possible ratio is "
+                    f"{count / reference_count:.4g}."
+                )
+            # a stream of its own per split and class: the choice does not depend on the other options
+            rng = np.random.default_rng(np.random.SeedSequence(self.hparams.seed, spawn_key=(SPLITS.index(split), label)))
+            keep[rng.choice(np.flatnonzero(labels == label), kept, replace=False)] = True
+        return images[keep], labels[keep]
 
     def _synthetic_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         hp = self.hparams
@@ -214,11 +291,17 @@ class ChestXRayDataModule(L.LightningDataModule):
         training = split == "train"
         # Training shuffles from the global RNG when iteration starts (callbacks.EpochSeeding seeds it per epoch); the
         # loader's own generator draws the workers' base seed when the iterator is made, which in a resumed run's first
-        # epoch is before that epoch's seeding.
-        sampler = RandomSampler(dataset) if training else None
+        # epoch is before that epoch's seeding. Balanced sampling instead seeds its sampler from the data seed and epoch.
         trainer = self.trainer
-        if not training and trainer is not None and trainer.world_size > 1:
-            sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if training and self.hparams.balanced_sampling:
+            sampler = ClassBalancedSampler(dataset.labels, world_size, rank, self.hparams.seed)
+        elif training:
+            sampler = RandomSampler(dataset)
+        elif world_size > 1:
+            sampler = UnpaddedDistributedSampler(dataset, world_size, rank)
+        else:
+            sampler = None
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -254,6 +337,17 @@ def _check_options(source: str, root: str | None, image_size: int, channels: int
         raise ValueError(f"--data.channels must be 1 (grayscale) or 3 (replicated for RGB models), got {channels}.")
     if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6:
         raise ValueError(f"--data.split must be three non-negative train/val/test fractions summing to 1, got {split}.")
+
+
+def _check_class_ratio(class_ratio: dict[str, float], class_names: list[str]) -> None:
+    unknown = sorted(set(class_ratio) - set(class_names))
+    if unknown:
+        raise ValueError(f"--data.class_ratio names unknown class(es) {unknown}; the classes are {class_names}.")
+    if len(class_ratio) == len(class_names):
+        raise ValueError(f"--data.class_ratio names every class {class_names}: leave out at least one, to count the ratios against.")
+    for name, ratio in class_ratio.items():
+        if not ratio > 0:
+            raise ValueError(f"--data.class_ratio {name}: {ratio} must be positive ({name} images kept per image of the largest class not named).")
 
 
 def _folder_layout(root: Path) -> tuple[Path, dict[str, Path] | None]:

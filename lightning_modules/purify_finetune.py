@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from typing import Literal
 
 import torch
 
@@ -51,19 +52,25 @@ class PurifyThenFinetune(ImageClassifierModule):
         weight_decay: float = 0.05,
         warmup_epochs: float = 0.5,
         label_smoothing: float = 0.0,
+        class_weights: Literal["none", "balanced"] | list[float] = "none",
+        target_sensitivity: float | None = None,
     ):
-        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing)
+        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights, target_sensitivity)
         self.save_hyperparameters()
         teacher = load_classifier_module(teacher_ckpt, TEACHER_COMMAND, num_classes, class_names)
         if train_t_star_range is not None and not 0 < train_t_star_range[0] <= train_t_star_range[1]:
             raise ValueError(f"train_t_star_range must be [low, high] with 0 < low <= high, got {train_t_star_range}.")
         purifier = Purifier.from_pretrained(purifier_dir, t_star=t_star, method=method, steps=steps, eta=eta, differentiable=True)
         self.model = copy.deepcopy(teacher.model).train().requires_grad_(True)
-        self.register_frozen("teacher", teacher.model)
+        self.operating_point.offset.copy_(teacher.operating_point.offset)  # starts at the teacher's; target_sensitivity re-chooses it
+        deployed_teacher = teacher.deployed_model()
+        self.register_frozen("teacher", deployed_teacher.classifier)
+        self.teacher_threshold = deployed_teacher.decision_threshold
         self.register_frozen("purifier", purifier)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.deployed_model().pipeline(images)
+        """The purifier then the fine-tuned classifier, before the operating point."""
+        return PurifiedClassifier(self.purifier, self.model, self.hparams.n_repeats)(images)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's loss on the batch purified at a t* drawn from `train_t_star_range`."""
@@ -81,16 +88,19 @@ class PurifyThenFinetune(ImageClassifierModule):
 
     def deployed_model(self) -> DefendedModel:
         """The purifier then the fine-tuned classifier (this module's `forward`), and the fine-tuned classifier alone."""
-        pipeline = PurifiedClassifier(self.purifier, self.model, self.hparams.n_repeats)
-        return DefendedModel(self.report_name, f"purifier/{self.purifier.label}", self.model, pipeline, defense_module=self.purifier)
+        classifier = self.decision_classifier()
+        pipeline = PurifiedClassifier(self.purifier, classifier, self.hparams.n_repeats)
+        return DefendedModel(self.report_name, f"purifier/{self.purifier.label}", classifier, pipeline, defense_module=self.purifier,
+                             decision_threshold=self.operating_point.probability_threshold)
 
     def robustness_subjects(self) -> list[DefendedModel]:
         """The classifier alone, the classifier behind the purifier, and the fine-tuned classifier behind it."""
         deployed = self.deployed_model()
         defended_teacher = PurifiedClassifier(self.purifier, self.teacher, self.hparams.n_repeats)
         return [
-            DefendedModel("teacher", "none", self.teacher, self.teacher),
-            DefendedModel("teacher", deployed.defense, self.teacher, defended_teacher, defense_module=self.purifier),
+            DefendedModel("teacher", "none", self.teacher, self.teacher, decision_threshold=self.teacher_threshold),
+            DefendedModel("teacher", deployed.defense, self.teacher, defended_teacher, defense_module=self.purifier,
+                          decision_threshold=self.teacher_threshold),
             deployed,
         ]
 

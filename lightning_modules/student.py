@@ -69,8 +69,10 @@ class DistilledStudent(ImageClassifierModule):
         weight_decay: float = 0.05,
         warmup_epochs: float = 1.0,
         label_smoothing: float = 0.0,
+        class_weights: Literal["none", "balanced"] | list[float] = "none",
+        target_sensitivity: float | None = None,
     ):
-        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing)
+        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights, target_sensitivity)
         check_distillation_settings(temperature, alpha)
         self.save_hyperparameters()
         self.model = create_student_classifier(student_name, num_classes, in_chans, image_size, **(student_kwargs or {}))
@@ -78,7 +80,9 @@ class DistilledStudent(ImageClassifierModule):
         _check_teacher_input(teacher.hparams, teacher_ckpt, in_chans, image_size)
         if distill_purified and purifier_dir is None:
             raise ValueError("distill_purified=True needs purifier_dir, the purifier stage's export (runs/purifier/export).")
-        self.register_frozen("teacher", teacher.model)
+        deployed_teacher = teacher.deployed_model()  # the teacher at its operating point
+        self.register_frozen("teacher", deployed_teacher.classifier)
+        self.teacher_threshold = deployed_teacher.decision_threshold
         if purifier_dir is not None:
             self.register_frozen("purifier", Purifier.from_pretrained(purifier_dir, **self._purifier_settings()))
 
@@ -106,43 +110,51 @@ class DistilledStudent(ImageClassifierModule):
         if robust_kd == "none" and attacked:
             raise ValueError("robust_kd='none' distils on clean images; set robust_kd to 'ard' or 'rslad' to use adversarial.train_attack.")
 
-    def adversarial_training_targets(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, LossFn | None]:
-        """What the training attack on the student ascends, for clean images (B, C, H, W) in [0, 1] and labels (B,).
+    def adversarial_training_targets(
+        self, batch: dict[str, torch.Tensor], count: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, LossFn | None]:
+        """What the training attack on the student's first `count` images of ``batch`` ascends.
 
-        ARD: cross-entropy with the labels (loss None). RSLAD: KL to the teacher's probabilities (B, K).
+        ARD: cross-entropy with the labels (loss None). RSLAD: KL to the distilled model's probabilities
+        (count, K), from ``teacher_logits`` (B, K) that the returned batch carries on to `training_loss`, so
+        the teacher (and purifier) runs once per batch.
         """
         if self.hparams.robust_kd == "rslad":
-            with torch.no_grad():
-                return self.distilled(images).softmax(dim=1), trades_kl_loss
-        return labels, None
+            batch = {**batch, "teacher_logits": self.teacher_logits(batch["image"])}
+            return batch, batch["teacher_logits"][:count].softmax(dim=1), trades_kl_loss
+        return batch, batch["label"][:count], None
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The distilled model's logits (B, K) for [0, 1] images (B, C, H, W)."""
+        return self.distilled(images)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The distillation loss of a training batch and the student's logits (B, K) of ``batch["image"]``."""
         hp = self.hparams
         images, labels = batch["image"], batch["label"]
-        logits = self(images)
-        with torch.no_grad():
-            teacher_logits = self.distilled(images)
+        logits = self.model(images)
+        teacher_logits = batch["teacher_logits"] if "teacher_logits" in batch else self.teacher_logits(images)
+        weights = self.sample_weights(labels)
         if hp.robust_kd == "none":
-            return kd_loss(logits, teacher_logits, labels, hp.temperature, hp.alpha), logits
+            return kd_loss(logits, teacher_logits, labels, hp.temperature, hp.alpha, weights), logits
         # While the eps warmup holds the training eps at 0 the callback adds nothing: x' is then x.
-        adversarial_logits = self(batch["adversarial_image"]) if "adversarial_image" in batch else logits
+        adversarial_logits = self.model(batch["adversarial_image"]) if "adversarial_image" in batch else logits
         if hp.robust_kd == "ard":
-            return ard_loss(logits, adversarial_logits, teacher_logits, labels, hp.temperature, hp.alpha), logits
-        return rslad_loss(logits, adversarial_logits, teacher_logits, hp.alpha), logits
+            return ard_loss(logits, adversarial_logits, teacher_logits, labels, hp.temperature, hp.alpha, weights), logits
+        return rslad_loss(logits, adversarial_logits, teacher_logits, hp.alpha, weights), logits
 
     def robustness_subjects(self) -> list[DefendedModel]:
         """The student (white-box, and transfer from the teacher), the teacher (white-box), and with a purifier the
         teacher behind it, gray-box only: white-box attacks through the purifier, with EOT, belong to the
         purify-then-fine-tune report (configs/purify_finetune.yaml)."""
-        subjects = [
-            DefendedModel(self.report_name, "none", self.model, self.model, transfer_source=self.teacher),
-            DefendedModel("teacher", "none", self.teacher, self.teacher),
-        ]
+        student = self.deployed_model()
+        student.transfer_source = self.teacher
+        subjects = [student, DefendedModel("teacher", "none", self.teacher, self.teacher, decision_threshold=self.teacher_threshold)]
         if self.hparams.purifier_dir is not None:
             defense = f"purifier/{self.purifier.label}"
             subjects.append(DefendedModel("teacher", defense, self.teacher, self.defended_teacher, threat_models=("graybox",),
-                                          defense_module=self.purifier))
+                                          defense_module=self.purifier, decision_threshold=self.teacher_threshold))
         return subjects
 
     def on_test_epoch_end(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from lightning_modules.classifier import ImageClassifierModule
 from robust_cxr.models import create_timm_classifier
@@ -36,8 +36,10 @@ class TeacherClassifier(ImageClassifierModule):
         weight_decay: float = 0.05,
         warmup_epochs: float = 1.0,
         label_smoothing: float = 0.0,
+        class_weights: Literal["none", "balanced"] | list[float] = "none",
+        target_sensitivity: float | None = None,
     ):
-        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing)
+        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights, target_sensitivity)
         self.save_hyperparameters()
         self.model = create_timm_classifier(
             model_name, num_classes, in_chans, image_size, pretrained_weights, **(model_kwargs or {})

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics import Metric, MetricCollection
+from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -18,8 +21,19 @@ from torchmetrics.classification import (
 )
 
 
+class BalancedAccuracy(MulticlassAccuracy):
+    """Mean per-class recall, updated like `classification_metrics` with `class_scores(logits)` (binary: P(class 1)
+    (B,), decided at 0.5) and labels (B,)."""
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(num_classes, average="macro", **kwargs)
+
+    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        super().update(scores if scores.ndim == 2 else (scores >= 0.5).long(), labels)
+
+
 def classification_metrics(num_classes: int) -> MetricCollection:
-    """acc, auroc, sensitivity, specificity and f1; updated with `class_scores(logits)` and labels (B,).
+    """acc, balanced_acc, auroc, sensitivity, specificity and f1; updated with `class_scores(logits)` and labels (B,).
 
     Binary tasks treat class 1 as positive (e.g. tuberculosis); multiclass ones macro-average.
     """
@@ -27,6 +41,7 @@ def classification_metrics(num_classes: int) -> MetricCollection:
         return MetricCollection(
             {
                 "acc": BinaryAccuracy(),
+                "balanced_acc": BalancedAccuracy(2),
                 "auroc": BinaryAUROC(),
                 "sensitivity": BinaryRecall(),
                 "specificity": BinarySpecificity(),
@@ -36,6 +51,7 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     return MetricCollection(
         {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "balanced_acc": BalancedAccuracy(num_classes),
             "auroc": MulticlassAUROC(num_classes),
             "sensitivity": MulticlassRecall(num_classes, average="macro"),
             "specificity": MulticlassSpecificity(num_classes, average="macro"),
@@ -44,10 +60,48 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     )
 
 
+def margin_threshold_for_sensitivity(margins: torch.Tensor, labels: torch.Tensor, target_sensitivity: float) -> float:
+    """The binary decision threshold on the margin logit_1 - logit_0 that keeps the most specificity while deciding
+    class 1 for at least `target_sensitivity` of the positives.
+
+    Args:
+        margins: (N,) logit_1 - logit_0 of validation images; labels: (N,) in {0, 1}.
+        target_sensitivity: in (0, 1].
+    Returns the midpoint between the margin of the ceil(target * P)-th highest positive and the next lower margin of
+    any image (1 below it if none), so `margin > threshold` decides class 1 for exactly those images.
+    """
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must lie in (0, 1], got {target_sensitivity}.")
+    positives = margins[labels == 1].sort(descending=True).values
+    if len(positives) == 0:
+        raise ValueError("The validation images hold no positive (class 1) image to set a target sensitivity on.")
+    cutoff = positives[math.ceil(target_sensitivity * len(positives) - 1e-9) - 1]
+    lower = margins[margins < cutoff]
+    return float((cutoff + lower.max()) / 2 if len(lower) else cutoff - 1)
+
+
 def class_scores(logits: torch.Tensor) -> torch.Tensor:
     """Logits (B, K) -> what `classification_metrics` takes: P(class 1) (B,) for K = 2, else probabilities (B, K)."""
     probabilities = logits.float().softmax(dim=1)
     return probabilities[:, 1] if logits.shape[1] == 2 else probabilities
+
+
+class LogitsAndLabels(Metric):
+    """Collects an epoch's logits (B, K) and labels (B,); `compute` returns them all, (N, K) and (N,), gathered over ranks."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.logits.append(logits.detach().float())
+        self.labels.append(labels)
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return dim_zero_cat(self.logits), dim_zero_cat(self.labels)
 
 
 def recall_names(class_names: list[str]) -> list[str]:

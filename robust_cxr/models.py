@@ -71,6 +71,30 @@ def create_timm_classifier(
     return NormalizedClassifier(backbone, mean, std)
 
 
+class OperatingPoint(nn.Module):
+    """Shifts logits (B, K) -> (B, K) by a per-class offset (K,) so that argmax decides at a chosen operating point.
+
+    A binary task's margin threshold m (`set_margin_threshold`) puts -m on class 1: argmax then decides class 1
+    exactly when logit_1 - logit_0 > m, i.e. when P(class 1) > sigmoid(m). Zero offsets (the default) leave argmax as is.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(num_classes))
+
+    def set_margin_threshold(self, threshold: float) -> None:
+        """Decide class 1 of a binary task when logit_1 - logit_0 > `threshold`."""
+        self.offset.copy_(torch.tensor([0.0, -threshold]))
+
+    @property
+    def probability_threshold(self) -> float | None:
+        """The P(class 1) above which a binary task decides class 1 (0.5 without a shift); None for K > 2."""
+        return float(torch.sigmoid(self.offset[0] - self.offset[1])) if len(self.offset) == 2 else None
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.offset
+
+
 class SmallCNN(nn.Module):
     """A small convolutional classifier: normalized images (B, C, H, W) -> logits (B, K).
 

@@ -24,7 +24,8 @@ def write_robustness_report(rows: list[dict], directory: str | Path, stem: str =
     columns = [column for column in rows[0] if column not in MARKDOWN_LEFT_OUT]
     lines = [
         "`accuracy`: right both clean and after the attack (robust accuracy); `clean_*`: the same images unattacked; "
-        "`n`: the images a row covers; recall columns per class; `accuracy_after_attack`: right after the attack alone.",
+        "`n`: the images a row covers; recall columns per class; `accuracy_after_attack`: right after the attack alone; "
+        "`threshold`: the P(class 1) above which a binary model decides class 1 (its operating point).",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),

@@ -23,6 +23,8 @@ class DefendedModel:
         transfer_source: another model whose attacks are transferred (e.g. the teacher).
         defense_module: what stands in front of the classifier, [0, 1] images -> [0, 1] images (the purifier), or
             None; the report grid and `predict.py` show its output.
+        decision_threshold: for a binary classifier, the P(class 1) above which it decides class 1 (its operating
+            point, 0.5 for argmax); None for more classes.
         threat_models: the threat models it is attacked under; e.g. leave out ``whitebox`` where a stage
             reports a purifier's white-box robustness elsewhere, since each white-box step runs the
             reverse diffusion forward and backward.
@@ -34,6 +36,7 @@ class DefendedModel:
     pipeline: nn.Module
     transfer_source: nn.Module | None = None
     defense_module: nn.Module | None = None
+    decision_threshold: float | None = None
     threat_models: tuple[ThreatModel, ...] = get_args(ThreatModel)
 
     @property

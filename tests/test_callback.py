@@ -61,7 +61,7 @@ def test_test_report_of_a_trained_teacher(teacher_run):
     # APGD-20 is the stronger attack in expectation, not on every image: one image of slack.
     assert rows["fgsm"]["accuracy"] > rows["pgd10"]["accuracy"] >= rows["apgd_ce"]["accuracy"] - 1 / 180
     markdown = (teacher_run / "robustness_report.md").read_text()
-    assert "| teacher | none | pgd10 | whitebox |" in markdown and "| sensitivity |" in markdown
+    assert "| teacher | none | 0.5000 | pgd10 | whitebox |" in markdown and "| sensitivity |" in markdown
     with Image.open(teacher_run / "adversarial_examples.png") as grid:
         assert grid.size == (5 * 128, 8 * 128)
 

@@ -147,9 +147,9 @@ def test_purify_finetune_keeps_teacher_and_purifier_frozen_and_out_of_the_checkp
         num_classes=2, image_size=32, teacher_ckpt=str(runs / "teacher" / "checkpoints" / "best.ckpt"),
         purifier_dir=str(runs / "purifier" / "export"),
     )
-    for name, parameter in module.model.named_parameters():
-        assert torch.equal(parameter, dict(module.teacher.named_parameters())[name])
-    assert all(key.startswith(("model.", "train_acc", "val_metrics", "test_metrics")) for key in module.state_dict())
+    for parameter, teacher_parameter in zip(module.model.parameters(), module.teacher.parameters(), strict=True):
+        assert torch.equal(parameter, teacher_parameter)
+    assert all(key.startswith(("model.", "operating_point.", "train_acc", "val_metrics", "test_metrics")) for key in module.state_dict())
     assert not any(p.requires_grad for p in [*module.teacher.parameters(), *module.purifier.parameters()])
     module.train()
     assert not module.teacher.training and not module.purifier.unet.training

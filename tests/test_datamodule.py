@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import PNEUMONIA_FOLDER, PNEUMONIA_NPZ, requires_shared_data
 from datamodules import Augmentation, ChestXRayDataModule
-from datamodules.chest_xray import interleaved_order
+from datamodules.chest_xray import SPLITS, ClassBalancedSampler, interleaved_order
 
 
 def _batch(datamodule: ChestXRayDataModule, split: str) -> dict[str, torch.Tensor]:
@@ -199,6 +199,113 @@ def test_file_that_is_not_an_npz_is_an_error(tmp_path):
     (tmp_path / "fake.npz").write_text("hello")
     with pytest.raises(ValueError, match="not a readable .npz"):
         ChestXRayDataModule(source="medmnist", root=str(tmp_path / "fake.npz"))
+
+
+IMBALANCED = torch.tensor([0] * 90 + [1] * 10)
+
+
+def _balanced_draws(labels: torch.Tensor, num_replicas: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0) -> torch.Tensor:
+    sampler = ClassBalancedSampler(labels, num_replicas, rank, seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler))
+
+
+def test_balanced_sampler_gives_every_class_an_equal_share():
+    draws = _balanced_draws(IMBALANCED)
+    assert len(draws) == 100
+    assert torch.bincount(IMBALANCED[draws]).tolist() == [50, 50]
+
+
+def test_balanced_sampler_draws_each_minority_image_equally_often_within_one():
+    labels = (torch.arange(97) % 14 == 0).long()  # 7 minority images scattered among 90, 48 or 49 minority draws
+    counts = torch.bincount(_balanced_draws(labels, seed=3), minlength=97)
+    assert counts[labels == 1].max() - counts[labels == 1].min() == 1
+    assert counts[labels == 0].max() == 1  # the majority class is drawn without repeats
+
+
+def test_balanced_sampler_is_seeded_by_seed_and_epoch():
+    first = _balanced_draws(IMBALANCED, seed=1, epoch=3)
+    assert torch.equal(first, _balanced_draws(IMBALANCED, seed=1, epoch=3))
+    assert not torch.equal(first, _balanced_draws(IMBALANCED, seed=1, epoch=4))
+    assert not torch.equal(first, _balanced_draws(IMBALANCED, seed=2, epoch=3))
+    uninterrupted = ClassBalancedSampler(IMBALANCED, 1, 0, seed=1)
+    for epoch in range(4):  # a resumed run's fresh sampler draws epoch 3 as the sampler of a run that never stopped
+        uninterrupted.set_epoch(epoch)
+        last = torch.tensor(list(uninterrupted))
+    assert torch.equal(last, first)
+
+
+def test_two_ranks_together_draw_what_one_process_draws():
+    single = _balanced_draws(IMBALANCED, seed=5, epoch=2)
+    ranks = [_balanced_draws(IMBALANCED, 2, rank, seed=5, epoch=2) for rank in (0, 1)]
+    assert [len(draws) for draws in ranks] == [50, 50]
+    assert torch.equal(torch.bincount(torch.cat(ranks), minlength=100), torch.bincount(single, minlength=100))
+    assert len(ClassBalancedSampler(torch.arange(101) % 2, 2, 1, seed=0)) == 51  # 101 rounded up to 102 draws
+
+
+def _small_source(source: str, tmp_path) -> dict:
+    """Constructor arguments for a small two-class dataset of `source`, images 16 pixels wide."""
+    if source == "folder":
+        _write_folder(tmp_path, {"Normal": 40, "Tuberculosis": 40}, size=16)
+        return dict(source="folder", root=str(tmp_path), image_size=16, split=(0.5, 0.25, 0.25))
+    if source == "medmnist":
+        _write_npz(tmp_path / "tiny.npz", sizes=(60, 20, 20), image_shape=(16, 16))
+        return dict(source="medmnist", root=str(tmp_path / "tiny.npz"), image_size=16)
+    return dict(image_size=16, synthetic_samples=200, split=(0.6, 0.2, 0.2))
+
+
+@pytest.mark.parametrize("source", ["synthetic", "folder", "medmnist"])
+def test_class_ratio_keeps_ratio_images_per_image_of_the_other_class_in_every_split(source, tmp_path):
+    kwargs = _small_source(source, tmp_path)
+    full = ChestXRayDataModule(**kwargs)
+    reduced = ChestXRayDataModule(**kwargs, class_ratio={full.class_names[1]: 0.25})
+    for split in SPLITS:
+        others = full.class_counts(split)[0].item()
+        assert reduced.class_counts(split).tolist() == [others, round(0.25 * others)]
+        kept = {image.tobytes() for image in reduced.datasets[split].images}
+        assert kept <= {image.tobytes() for image in full.datasets[split].images}
+
+
+def test_class_ratio_selection_is_seeded(tmp_path):
+    kwargs = _small_source("medmnist", tmp_path)  # official splits: the seed changes only the selection and its order
+
+    def splits(seed: int) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
+        datamodule = ChestXRayDataModule(**kwargs, seed=seed, class_ratio={"class_1": 0.25})
+        datamodule.setup()
+        return {name: (dataset.images, dataset.labels) for name, dataset in datamodule.datasets.items()}
+
+    first, again, other = splits(0), splits(0), splits(1)
+    for split in SPLITS:
+        assert np.array_equal(first[split][0], again[split][0]) and torch.equal(first[split][1], again[split][1])
+    assert sorted(image.tobytes() for image in first["train"][0]) != sorted(image.tobytes() for image in other["train"][0])
+
+
+@pytest.mark.parametrize(
+    "class_ratio, message",
+    [
+        ({"pneumonia": 0.5}, r"unknown class\(es\) \['pneumonia'\]; the classes are \['normal', 'tuberculosis'\]"),
+        ({"tuberculosis": 0.0}, "tuberculosis: 0.0 must be positive"),
+        ({"normal": 0.5, "tuberculosis": 0.5}, "names every class"),
+    ],
+)
+def test_bad_class_ratio_is_an_error(class_ratio, message):
+    with pytest.raises(ValueError, match=message):
+        ChestXRayDataModule(class_ratio=class_ratio)
+
+
+def test_impossible_class_ratio_names_the_largest_possible_one():
+    datamodule = ChestXRayDataModule(**_small_source("synthetic", None), class_ratio={"tuberculosis": 1.5})
+    message = r"tuberculosis: 1.5 needs 90 tuberculosis images in the train split, which has 60 .* largest possible ratio is 1\."
+    with pytest.raises(ValueError, match=message):
+        datamodule.setup()
+
+
+def test_balanced_sampling_balances_the_training_batches():
+    kwargs = dict(_small_source("synthetic", None), class_ratio={"tuberculosis": 0.25}, batch_size=15)
+    assert ChestXRayDataModule(**kwargs).class_counts().tolist() == [60, 15]
+    datamodule = ChestXRayDataModule(**kwargs, balanced_sampling=True)
+    labels = torch.cat([batch["label"] for batch in datamodule.train_dataloader()])
+    assert len(labels) == 75 and torch.bincount(labels).tolist() in ([38, 37], [37, 38])
 
 
 @requires_shared_data

@@ -130,7 +130,7 @@ def test_the_teacher_gets_no_gradient_no_optimizer_state_and_no_state_dict_entry
     assert watch.optimized_teacher == [] and watch.teacher_grads == [] and not watch.teacher_training
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, student.teacher.parameters()))
     assert all(p.grad is not None for p in student.model.parameters())
-    assert all(key.startswith(("model.", "train_acc", "val_metrics", "test_metrics")) for key in student.state_dict())
+    assert all(key.startswith(("model.", "operating_point.", "train_acc", "val_metrics", "test_metrics")) for key in student.state_dict())
     assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in student.model.parameters())
 
 
@@ -184,11 +184,13 @@ def test_robust_distillation_trains_on_clean_and_adversarial_images(teacher_ckpt
     with torch.no_grad():
         clean_as_adversarial = {**batch, "adversarial_image": batch["image"][:16]}
         assert student.training_loss(batch)[0] != student.training_loss(clean_as_adversarial)[0]
-    targets, loss_fn = student.adversarial_training_targets(batch["image"], batch["label"])
+    with_targets, targets, loss_fn = student.adversarial_training_targets(batch, 16)
     if robust_kd == "ard":
-        assert torch.equal(targets, batch["label"]) and loss_fn is None
+        assert torch.equal(targets, batch["label"][:16]) and loss_fn is None and "teacher_logits" not in with_targets
     else:
-        torch.testing.assert_close(targets, student.teacher(batch["image"]).softmax(dim=1))
+        teacher_logits = student.teacher(batch["image"])
+        torch.testing.assert_close(with_targets["teacher_logits"], teacher_logits)
+        torch.testing.assert_close(targets, teacher_logits[:16].softmax(dim=1))
 
 
 def _save_tiny_purifier(directory):
