@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole chain on the embedded synthetic data, each stage through train.py and its config:
-#   teacher -> purifier -> purify-then-fine-tune -> student (distilled from the defended teacher).
+#   teacher -> purifier -> purify-then-fine-tune -> student (robustly distilled from the teacher: ARD).
 # Each stage finds the previous one's checkpoint or export through its config's defaults, and a
 # re-run resumes each stage from runs/<stage>/checkpoints/last.ckpt (a finished stage only re-runs its test).
 #   bash run_chain.sh                       # everything

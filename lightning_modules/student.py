@@ -145,12 +145,13 @@ class DistilledStudent(ImageClassifierModule):
         return rslad_loss(logits, adversarial_logits, teacher_logits, hp.alpha, weights), logits
 
     def robustness_subjects(self) -> list[DefendedModel]:
-        """The student (white-box, and transfer from the teacher), the teacher (white-box), and with a purifier the
-        teacher behind it, gray-box only: white-box attacks through the purifier, with EOT, belong to the
-        purify-then-fine-tune report (configs/purify_finetune.yaml)."""
+        """The student (white-box, and transfer from the teacher), the teacher clean (its white-box rows are the teacher
+        stage's report, on the same test images), and with a purifier the teacher behind it, gray-box only: white-box
+        attacks through the purifier, with EOT, belong to the purify-then-fine-tune report (configs/purify_finetune.yaml)."""
         student = self.deployed_model()
         student.transfer_source = self.teacher
-        subjects = [student, DefendedModel("teacher", "none", self.teacher, self.teacher, decision_threshold=self.teacher_threshold)]
+        teacher = DefendedModel("teacher", "none", self.teacher, self.teacher, threat_models=(), decision_threshold=self.teacher_threshold)
+        subjects = [student, teacher]
         if self.hparams.purifier_dir is not None:
             defense = f"purifier/{self.purifier.label}"
             subjects.append(DefendedModel("teacher", defense, self.teacher, self.defended_teacher, threat_models=("graybox",),

@@ -178,8 +178,10 @@ def test_the_student_stage_finds_teacher_and_purifier_and_reports_the_defended_t
     rows = json.loads((run / "robustness_report.json").read_text())
     table = {(row["model"], row["defense"], row["attack"]): row for row in rows}
     defense = "purifier/ddim-1@t100"
-    assert {("student", "none", "pgd10_transfer"), ("teacher", "none", "fgsm"), ("teacher", defense, "none"),
+    assert {("student", "none", "pgd10_transfer"), ("teacher", "none", "none"), ("teacher", defense, "none"),
             ("teacher", defense, "pgd10_graybox")} <= set(table)
+    assert {row["attack"] for row in rows if row["model"] == "student" and row["threat_model"] == "whitebox"} == {"fgsm", "pgd2", "apgd_ce"}
+    assert ("teacher", "none", "fgsm") not in table  # the teacher stage's report
     assert ("teacher", defense, "fgsm") not in table  # white-box through the purifier: the purify_finetune report
     costs = {row["model"]: row for row in json.loads((run / "model_costs.json").read_text())["models"]}
     assert set(costs) == {"student", "teacher", f"teacher+purifier/{defense.split('/')[1]}"}
