@@ -87,7 +87,7 @@ class PurifyThenFinetune(ImageClassifierModule):
         return Purifier(self.purifier.unet, self.purifier.scheduler, t_star=t_star, method=hp.method, steps=steps, eta=hp.eta)
 
     def deployed_model(self) -> DefendedModel:
-        """The purifier then the fine-tuned classifier (this module's `forward`), and the fine-tuned classifier alone."""
+        """The purifier then the fine-tuned classifier, and the fine-tuned classifier alone, both at the operating point."""
         classifier = self.decision_classifier()
         pipeline = PurifiedClassifier(self.purifier, classifier, self.hparams.n_repeats)
         return DefendedModel(self.report_name, f"purifier/{self.purifier.label}", classifier, pipeline, defense_module=self.purifier,
