@@ -84,6 +84,13 @@ class ImageClassifierModule(L.LightningModule):
         self.__dict__[name] = module
         self._frozen_names.append(name)
 
+    def register_frozen_teacher(self, teacher: ImageClassifierModule) -> None:
+        """Makes the loaded `teacher` stage's classifier, at its operating point, ``self.teacher`` (see `register_frozen`),
+        and its decision threshold ``self.teacher_threshold`` for the report rows."""
+        deployed = teacher.deployed_model()
+        self.register_frozen("teacher", deployed.classifier)
+        self.teacher_threshold = deployed.decision_threshold
+
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         for name in self._frozen_names:

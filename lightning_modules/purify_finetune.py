@@ -63,9 +63,7 @@ class PurifyThenFinetune(ImageClassifierModule):
         purifier = Purifier.from_pretrained(purifier_dir, t_star=t_star, method=method, steps=steps, eta=eta, differentiable=True)
         self.model = copy.deepcopy(teacher.model).train().requires_grad_(True)
         self.operating_point.offset.copy_(teacher.operating_point.offset)  # starts at the teacher's; target_sensitivity re-chooses it
-        deployed_teacher = teacher.deployed_model()
-        self.register_frozen("teacher", deployed_teacher.classifier)
-        self.teacher_threshold = deployed_teacher.decision_threshold
+        self.register_frozen_teacher(teacher)
         self.register_frozen("purifier", purifier)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

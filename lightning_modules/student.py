@@ -80,9 +80,7 @@ class DistilledStudent(ImageClassifierModule):
         _check_teacher_input(teacher.hparams, teacher_ckpt, in_chans, image_size)
         if distill_purified and purifier_dir is None:
             raise ValueError("distill_purified=True needs purifier_dir, the purifier stage's export (runs/purifier/export).")
-        deployed_teacher = teacher.deployed_model()  # the teacher at its operating point
-        self.register_frozen("teacher", deployed_teacher.classifier)
-        self.teacher_threshold = deployed_teacher.decision_threshold
+        self.register_frozen_teacher(teacher)
         if purifier_dir is not None:
             self.register_frozen("purifier", Purifier.from_pretrained(purifier_dir, **self._purifier_settings()))
 
