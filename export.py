@@ -42,7 +42,7 @@ def exportable_classifier(checkpoint_or_run_dir: str | Path, classifier_only: bo
             "(runs/purifier/export) in front of it, or export the distilled student (configs/distill.yaml) instead."
         )
     hp = stage.hparams
-    return deployed.classifier.eval(), deployed.model, (1, hp.in_chans, hp.image_size, hp.image_size)
+    return deployed.undefended.eval(), deployed.model, (1, hp.in_chans, hp.image_size, hp.image_size)
 
 
 def default_export_dir(checkpoint_or_run_dir: Path) -> Path:

@@ -125,7 +125,7 @@ def _classify(deployed: DefendedModel, images: torch.Tensor, paths: list[Path], 
     with torch.inference_mode(), torch.random.fork_rng():
         torch.manual_seed(seed)
         probabilities = deployed.pipeline(images).softmax(dim=1)
-        undefended = deployed.classifier(images).argmax(dim=1)
+        undefended = deployed.undefended(images).argmax(dim=1)
     rows = []
     for path, probability, undefended_label in zip(paths, probabilities, undefended):
         label = int(probability.argmax())

@@ -15,11 +15,14 @@ How it plugs in:
 - Evaluation: after each validation / test batch the callback attacks the module's
   `robustness_subjects()` on that rank's batch (under `enable_grad` and outside inference mode),
   every subject of an attack under the same seed (so stochastic purifiers draw the same noise for every
-  subject and the report's rows pair image by image), accumulates per-class `RobustnessCounts` synced over
-  ranks, logs ``{val,test}/robust_acc/<attack>`` (plus balanced accuracy, per-class robust recall,
-  ``attack_success`` and ``perturbation``) and at test end writes `robustness_report.{json,md}` and
-  `adversarial_examples.png` to the trainer's `default_root_dir` (the run directory).
-Attacks never write parameter `.grad` (see `robust_cxr.attacks.attacking`).
+  subject and the report's rows pair image by image), accumulates the task's counters synced over
+  ranks, logs ``{val,test}/<metric>/<attack>`` (classification: ``robust_acc``, balanced accuracy, per-class
+  robust recall, ``attack_success``, ``perturbation``; segmentation: ``robust_dice``, ``robust_iou``) and at
+  test end writes `robustness_report.{json,md}` and `adversarial_examples.png` to the trainer's
+  `default_root_dir` (the run directory).
+What the outputs are, what attacks ascend and how outputs are scored is the module's `task`
+(`robust_cxr.tasks`); nothing here depends on it. Attacks never write parameter `.grad` (see
+`robust_cxr.attacks.attacking`).
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torchmetrics import Metric
 
 from robust_cxr.attacks import AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
-from robust_cxr.metrics import RobustnessCounts, recall_names
-from robust_cxr.reports import save_adversarial_grid, write_robustness_report
+from robust_cxr.reports import save_example_grid, write_robustness_report
+from robust_cxr.tasks import Task
 from robust_cxr.threat import DefendedModel
 
 GRADIENT_ASCENT_METHODS = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2")
@@ -105,15 +109,20 @@ class AdversarialExampleCallback(Callback):
         self.test_max_images = test_max_images
         self.grid_images = grid_images
         self.seed = seed
-        self._counts: dict[tuple[str, str], RobustnessCounts] = {}
+        self._counts: dict[tuple[str, str], Metric] = {}
         self._subjects: list[DefendedModel] = []
         self._grid: dict[str, torch.Tensor] | None = None
         self._hook_owner: L.LightningModule | L.LightningDataModule | None = None
 
     # ----------------------------------------------------------------- training
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        task: Task = pl_module.task
+        for spec in self.attacks + [self.train_attack] * (self.train_attack is not None):
+            task.check_attack(spec)
         if self.train_attack is None or stage != TrainerFn.FITTING.value:
             return
+        if self.trades_beta is not None and task.name != "classification":
+            raise ValueError(f"TRADES compares class probabilities; {type(pl_module).__name__} is a {task.name} stage: set trades_beta to null.")
         if self.trades_beta is not None and hasattr(pl_module, "adversarial_training_targets"):
             raise ValueError(
                 f"{type(pl_module).__name__} chooses its own adversarial training targets (adversarial_training_targets), "
@@ -137,14 +146,15 @@ class AdversarialExampleCallback(Callback):
             self._hook_owner = None
 
     def _adversarial_training_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> dict:
-        count = round(self.train_fraction * len(batch["label"]))
+        task: Task = pl_module.task
+        count = round(self.train_fraction * len(batch["image"]))
         spec = self._scheduled_train_attack(trainer)
         if count == 0 or spec is None:
             return batch
-        images, labels = batch["image"][:count], batch["label"][:count]
+        images = batch["image"][:count]
         source = pl_module.adversarial_training_source()
         common = dict(
-            num_classes=pl_module.hparams.num_classes,
+            num_classes=task.num_classes,
             keys=batch["index"][:count] if "index" in batch else None,
             seed=self.seed + 1 + trainer.global_step,
             autocast_dtype=_attack_dtype(trainer),
@@ -157,7 +167,8 @@ class AdversarialExampleCallback(Callback):
                 targets = source(images).softmax(dim=1).detach()
             loss_fn, added = trades_kl_loss, {"trades_beta": self.trades_beta}
         else:
-            adversarial = craft_adversarial(spec, source, images, labels, **common)
+            targets, loss_fn = task.attack_objective(spec, task.targets(batch)[:count])
+            adversarial = craft_adversarial(spec, source, images, targets, loss_fn=loss_fn, **common)
             return {**batch, "image": torch.cat([adversarial, batch["image"][count:]])}
         adversarial = craft_adversarial(spec, source, images, targets, loss_fn=loss_fn, **common)
         return {**batch, "adversarial_image": adversarial, **added}
@@ -183,13 +194,13 @@ class AdversarialExampleCallback(Callback):
         if not active or not self.attacks:
             return
         self._subjects = pl_module.robustness_subjects()
-        num_classes = pl_module.hparams.num_classes
+        task: Task = pl_module.task
         with torch.inference_mode(False):  # the counters are updated where attacks run, outside inference mode
             for subject in self._subjects:
-                self._counts[(subject.key, "none")] = RobustnessCounts(num_classes).to(pl_module.device)
+                self._counts[(subject.key, "none")] = task.robustness_counter().to(pl_module.device)
                 for spec in self.attacks:
                     if subject.attack_source(spec.threat_model) is not None:
-                        self._counts[(subject.key, spec.label)] = RobustnessCounts(num_classes).to(pl_module.device)
+                        self._counts[(subject.key, spec.label)] = task.robustness_counter().to(pl_module.device)
         skipped = [s.label for s in self.attacks if all((subj.key, s.label) not in self._counts for subj in self._subjects)]
         if skipped:
             rank_zero_info(f"Attacks {skipped} do not apply to {[s.key for s in self._subjects]} and are skipped.")
@@ -212,51 +223,50 @@ class AdversarialExampleCallback(Callback):
         defense draws the same noise for every subject of an attack and rows pair image by image, whatever ran before.
         """
         with torch.inference_mode(False):  # tensors made under inference mode cannot enter autograd
-            self._evaluate_images(trainer, pl_module, batch["image"].clone(), batch["label"].clone(),
+            self._evaluate_images(trainer, pl_module, batch["image"].clone(), pl_module.task.targets(batch).clone(),
                                   batch["index"].clone() if "index" in batch else None, batch_idx, max_images, capture_grid)
 
-    def _evaluate_images(self, trainer: L.Trainer, pl_module: L.LightningModule, images: torch.Tensor, labels: torch.Tensor,
+    def _evaluate_images(self, trainer: L.Trainer, pl_module: L.LightningModule, images: torch.Tensor, targets: torch.Tensor,
                          keys: torch.Tensor | None, batch_idx: int, max_images: int | None, capture_grid: bool) -> None:
-        """`_evaluate_batch` on images (B, C, H, W) in [0, 1], labels (B,) and split indices (B,) or None."""
-        selected = _subset(keys, max_images, len(labels)).to(images.device)
+        """`_evaluate_batch` on images (B, C, H, W) in [0, 1], the task's targets (B, ...) and split indices (B,) or None."""
+        selected = _subset(keys, max_images, len(images)).to(images.device)
         if not selected.any():
             return
-        images, labels, keys = images[selected], labels[selected], None if keys is None else keys[selected]
+        images, targets, keys = images[selected], targets[selected], None if keys is None else keys[selected]
+        task: Task = pl_module.task
         dtype = _attack_dtype(trainer)
         seed = self.seed + _RANK_SEED_STRIDE * trainer.global_rank + _BATCH_SEED_STRIDE * batch_idx
         # The grid shows the first defended subject (with its defense's output) when there is one.
         grid_subject = next((s for s in self._subjects if s.defense_module is not None), self._subjects[0])
         for subject in self._subjects:
             with _seeded_global_rng(seed, images.device):
-                clean_predictions = _predict(subject.pipeline, images, dtype)
-            clean_correct = clean_predictions == labels
-            self._counts[(subject.key, "none")].update(labels, clean_correct, clean_correct, torch.zeros_like(labels, dtype=torch.float))
+                clean_outputs = _outputs(subject.pipeline, images, dtype)
+            self._counts[(subject.key, "none")].update(targets, clean_outputs, clean_outputs, torch.zeros(len(images), device=images.device))
             for slot, spec in enumerate(self.attacks, start=1):
                 source = subject.attack_source(spec.threat_model)
-                chosen = _subset(keys, spec.max_images, len(labels)).to(images.device)
+                chosen = _subset(keys, spec.max_images, len(images)).to(images.device)
                 if source is None or not chosen.any():
                     continue
+                attack_targets, loss_fn = task.attack_objective(spec, targets[chosen])
                 with _seeded_global_rng(seed + slot, images.device):
                     adversarial = craft_adversarial(
-                        spec, source, images[chosen], labels[chosen], num_classes=pl_module.hparams.num_classes,
+                        spec, source, images[chosen], attack_targets, num_classes=task.num_classes, loss_fn=loss_fn,
                         keys=None if keys is None else keys[chosen], seed=self.seed, autocast_dtype=dtype,
                     )
-                    adversarial_predictions = _predict(subject.pipeline, adversarial, dtype)
+                    adversarial_outputs = _outputs(subject.pipeline, adversarial, dtype)
                 norms = perturbation_norm(adversarial, images[chosen], spec.norm)
-                self._counts[(subject.key, spec.label)].update(
-                    labels[chosen], clean_correct[chosen], adversarial_predictions == labels[chosen], norms
-                )
+                self._counts[(subject.key, spec.label)].update(targets[chosen], clean_outputs[chosen], adversarial_outputs, norms)
                 if capture_grid and subject is grid_subject and self._grid is None:
                     n = self.grid_images
                     self._grid = dict(
-                        clean=images[chosen][:n], adversarial=adversarial[:n], labels=labels[chosen][:n],
-                        clean_predictions=clean_predictions[chosen][:n], adversarial_predictions=adversarial_predictions[:n],
-                        eps=spec.eps, purified=None,
+                        clean=images[chosen][:n], adversarial=adversarial[:n], targets=targets[chosen][:n],
+                        clean_outputs=clean_outputs[chosen][:n], adversarial_outputs=adversarial_outputs[:n],
+                        eps=spec.eps, defended=None,
                     )
-        if self._grid is not None and self._grid["purified"] is None and grid_subject.defense_module is not None:
-            # Its own noise stream, so that showing purified images changes no row.
+        if self._grid is not None and self._grid["defended"] is None and grid_subject.defense_module is not None:
+            # Its own noise stream, so that showing the defense's output changes no row.
             with _seeded_global_rng(seed + len(self.attacks) + 1, images.device), torch.no_grad():
-                self._grid["purified"] = grid_subject.defense_module(self._grid["adversarial"])
+                self._grid["defended"] = grid_subject.defense_module(self._grid["adversarial"])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_results("val", pl_module)
@@ -269,50 +279,30 @@ class AdversarialExampleCallback(Callback):
         report = write_robustness_report(rows, directory)
         grid = None
         if self._grid is not None:
-            grid = save_adversarial_grid(directory / "adversarial_examples.png", class_names=_class_names(pl_module), **self._grid)
+            grid = save_example_grid(directory / "adversarial_examples.png", pl_module.task, **self._grid)
         _log_report_to_wandb(trainer, rows, grid)
         rank_zero_info(f"Robustness report: {report}")
 
     def _log_results(self, stage: str, pl_module: L.LightningModule) -> list[dict]:
         """Computes every counter (a collective: all ranks call it), logs the metrics, returns report rows."""
+        task: Task = pl_module.task
         rows = []
         specs = {spec.label: spec for spec in self.attacks}
-        recalls = recall_names(_class_names(pl_module))
         for (subject_key, attack), counts in self._counts.items():
-            result = {name: value.tolist() for name, value in counts.compute().items()}
+            result = counts.compute()
             subject = next(s for s in self._subjects if s.key == subject_key)
             spec = specs.get(attack)
             if spec is not None:
                 suffix = f"/{subject_key}" if len(self._subjects) > 1 else ""
-                logged = {"robust_acc": result["robust_acc"], "robust_balanced_acc": result["robust_balanced_acc"],
-                          "attack_success": result["attack_success"], "perturbation": result["perturbation"],
-                          **{f"robust_{name}": value for name, value in zip(recalls, result["robust_recall"])}}
-                for name, value in logged.items():  # NaN where undefined (no image fooled, a class absent): same keys every run
+                for name, value in task.logged(result).items():  # NaN where undefined (e.g. no image fooled): same keys every run
                     pl_module.log(f"{stage}/{name}/{attack}{suffix}", value, sync_dist=True)
             executed = spec.executed if spec else dict(steps=None, eot_samples=None, version=None)
-            rows.append(
-                dict(
-                    model=subject.model,
-                    defense=subject.defense,
-                    threshold=subject.decision_threshold,
-                    attack=attack,
-                    threat_model=spec.threat_model if spec else "none",
-                    norm=spec.norm if spec else "none",
-                    eps=spec.eps if spec else 0.0,
-                    **executed,
-                    n=int(result["total"]),
-                    clean_accuracy=result["clean_acc"],
-                    accuracy=result["robust_acc"],
-                    balanced_accuracy=result["robust_balanced_acc"],
-                    **{name: value for name, value in zip(recalls, result["robust_recall"])},
-                    clean_balanced_accuracy=result["clean_balanced_acc"],
-                    **{f"clean_{name}": value for name, value in zip(recalls, result["clean_recall"])},
-                    correct=int(result["robust_correct"]),
-                    accuracy_after_attack=result["after_attack_acc"] if spec else None,
-                    attack_success=result["attack_success"] if spec else None,
-                    perturbation=result["perturbation"] if spec else None,
-                )
+            setting = dict(
+                model=subject.model, defense=subject.defense, threshold=subject.decision_threshold, attack=attack,
+                threat_model=spec.threat_model if spec else "none", norm=spec.norm if spec else "none",
+                eps=spec.eps if spec else 0.0, **executed,
             )
+            rows += [{**setting, **columns} for columns in task.report_rows(result, attacked=spec is not None)]
         return [{key: None if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()} for row in rows]
 
 
@@ -349,11 +339,6 @@ def _subset(keys: torch.Tensor | None, max_images: int | None, batch_size: int) 
     return keys.cpu() < max_images
 
 
-def _class_names(pl_module: L.LightningModule) -> list[str]:
-    """The module's class names in label order (``0``, ``1``, ... when it has none)."""
-    return list(pl_module.hparams.get("class_names") or [str(i) for i in range(pl_module.hparams.num_classes)])
-
-
 @contextmanager
 def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Runs the block on the global RNGs (CPU, and `device` when CUDA) seeded with `seed`, then restores their state.
@@ -371,7 +356,7 @@ def _attack_dtype(trainer: L.Trainer) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def _predict(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Predicted classes (B,) of `model` for images (B, C, H, W) in [0, 1]."""
+def _outputs(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Float outputs (B, ...) of `model` (logits) for images (B, C, H, W) in [0, 1]."""
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        return model(images).argmax(dim=1)
+        return model(images).float()

@@ -2,7 +2,9 @@
 
 Every source is decoded once, resized to `image_size` and kept in memory as 8-bit grayscale
 (chest X-rays are grayscale; `channels=3` replicates the plane for RGB backbones). Batches are
-dicts ``{"image": (B, C, S, S) float32 in [0, 1], "label": (B,) int64, "index": (B,) int64}``.
+dicts ``{"image": (B, C, S, S) float32 in [0, 1], "label": (B,) int64, "index": (B,) int64}``; with
+``masks=True`` (synthetic and folder sources) they also hold ``"mask": (B, 1, S, S) float32 in {0, 1}``,
+the lung field of each image, pixel-aligned with it through every split, subsampling and augmentation.
 
 Each split is stored in a seeded, class-interleaved order (`interleaved_order`): the first n images of
 any split hold every class in its share of the split, within an image or two. Evaluation subsets are
@@ -47,14 +49,21 @@ class Augmentation:
     brightness_contrast: float = 0.1
 
     def build(self) -> A.Compose:
-        """The albumentations pipeline for (H, W) uint8 images."""
+        """The albumentations pipeline for (H, W) uint8 images and, when passed as ``mask=``, their (H, W) uint8 masks.
+
+        Geometric transforms move image and mask alike (the mask by nearest neighbour, so it keeps its values);
+        brightness and contrast change the image only.
+        """
         transforms = [
             A.Affine(
                 rotate=(-self.rotate_degrees, self.rotate_degrees),
                 translate_percent=(-self.translate, self.translate),
                 scale=(1 - self.scale, 1 + self.scale),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
                 border_mode=cv2.BORDER_CONSTANT,
                 fill=0,
+                fill_mask=0,
                 p=self.probability,
             ),
             A.RandomBrightnessContrast(self.brightness_contrast, self.brightness_contrast, p=self.probability),
@@ -64,30 +73,62 @@ class Augmentation:
         return A.Compose(transforms)
 
 
+@dataclass
+class Samples:
+    """A split's images (N, S, S) uint8, labels (N,) int64 and, with masks, lung-field masks (N, S, S) uint8 in {0, 1}."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None = None
+
+    def __getitem__(self, index: np.ndarray) -> Samples:
+        """The samples selected by `index` (an index or boolean array), images, labels and masks alike."""
+        return Samples(self.images[index], self.labels[index], None if self.masks is None else self.masks[index])
+
+
 class GrayscaleImageDataset(Dataset):
     """uint8 images (N, S, S) and labels (N,) -> ``{"image": (C, S, S) float32 in [0, 1], "label", "index"}``.
 
-    ``index`` (the sample's position in its split) keys per-sample random attack starts.
+    ``index`` (the sample's position in its split) keys per-sample random attack starts. With `masks`
+    ((N, S, S) uint8 in {0, 1}) items also hold ``"mask": (1, S, S) float32 in {0, 1}``, augmented with the image.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, channels: int, transform: A.Compose | None = None):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        channels: int,
+        transform: A.Compose | None = None,
+        masks: np.ndarray | None = None,
+    ):
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.channels = channels
         self.transform = transform
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image = self.images[index]
+        planes = {"image": self.images[index]}
+        if self.masks is not None:
+            planes["mask"] = self.masks[index]
         if self.transform is not None:
             # albumentations keeps a random state of its own, seeded from the OS; drawing its seed from torch makes
             # augmentation follow the run's seed (and, in DataLoader workers, torch's per-worker seeds)
             self.transform.set_random_seed(int(torch.randint(2**31, ())))
-            image = self.transform(image=image)["image"]
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0).unsqueeze(0)
-        return {"image": pixels.expand(self.channels, -1, -1), "label": self.labels[index], "index": index}
+            planes = self.transform(**planes)
+        image = _plane_tensor(planes["image"]).div_(255.0)
+        item = {"image": image.expand(self.channels, -1, -1), "label": self.labels[index], "index": index}
+        if self.masks is not None:
+            item["mask"] = _plane_tensor(planes["mask"])
+        return item
+
+
+def _plane_tensor(plane: np.ndarray) -> torch.Tensor:
+    """(H, W) uint8 -> (1, H, W) float32, values unchanged."""
+    return torch.from_numpy(np.ascontiguousarray(plane)).float().unsqueeze(0)
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -161,6 +202,9 @@ class ChestXRayDataModule(L.LightningDataModule):
             per 4 NORMAL ones); which images stay is seeded by `seed` and the split.
         balanced_sampling: training draws every class equally often each epoch (`ClassBalancedSampler`) instead of
             shuffling the training split.
+        masks: batches also hold ``"mask"``, each image's lung field, (B, 1, S, S) float32 in {0, 1}. ``synthetic``
+            draws them with the phantoms; ``folder`` reads them from ``images/`` and ``masks/`` subfolders of each
+            class folder (or of `root` itself, one class named after it), paired by file stem; ``medmnist`` has none.
     """
 
     def __init__(
@@ -178,10 +222,11 @@ class ChestXRayDataModule(L.LightningDataModule):
         class_names: list[str] | None = None,
         class_ratio: dict[str, float] | None = None,
         balanced_sampling: bool = False,
+        masks: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model logs the resolved names
-        _check_options(source, root, image_size, channels, split)
+        _check_options(source, root, image_size, channels, split, masks)
         self.root = Path(root) if root is not None else None
         self.augmentation = augmentation if augmentation is not None else Augmentation()
         discovered = self._discover_class_names()
@@ -212,7 +257,7 @@ class ChestXRayDataModule(L.LightningDataModule):
         if self.hparams.source == "synthetic":
             return list(SYNTHETIC_CLASS_NAMES)
         if self.hparams.source == "folder":
-            return _folder_class_names(_folder_layout(self.root)[0])
+            return list(self._class_folders(_folder_layout(self.root)[0]))
         labels = _read_medmnist(self.root, labels_only=True)
         return [f"class_{i}" for i in range(int(max(labels[k].max() for k in labels)) + 1)]
 
@@ -226,17 +271,18 @@ class ChestXRayDataModule(L.LightningDataModule):
             splits = self._folder_splits()
         else:
             splits = self._medmnist_splits()
-        for name, (images, labels) in splits.items():
-            images, labels = self._apply_class_ratio(name, images, labels)
-            order = interleaved_order(labels, hp.seed)
+        for name, samples in splits.items():
+            samples = self._apply_class_ratio(name, samples)
+            samples = samples[interleaved_order(samples.labels, hp.seed)]
             transform = self.augmentation.build() if name == "train" else None
-            self.datasets[name] = GrayscaleImageDataset(images[order], labels[order], hp.channels, transform)
+            self.datasets[name] = GrayscaleImageDataset(samples.images, samples.labels, hp.channels, transform, samples.masks)
 
-    def _apply_class_ratio(self, split: str, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _apply_class_ratio(self, split: str, samples: Samples) -> Samples:
         """Keeps round(ratio * n) seeded images of each class of `class_ratio`, n the largest unnamed class's size."""
         ratios = self.hparams.class_ratio
+        labels = samples.labels
         if not ratios or len(labels) == 0:
-            return images, labels
+            return samples
         named = [self.class_names.index(name) for name in ratios]
         counts = np.bincount(labels, minlength=self.num_classes)
         unnamed = np.setdiff1d(np.arange(self.num_classes), named)
@@ -255,32 +301,49 @@ class ChestXRayDataModule(L.LightningDataModule):
             # a stream of its own per split and class: the choice does not depend on the other options
             rng = np.random.default_rng(np.random.SeedSequence(self.hparams.seed, spawn_key=(SPLITS.index(split), label)))
             keep[rng.choice(np.flatnonzero(labels == label), kept, replace=False)] = True
-        return images[keep], labels[keep]
+        return samples[keep]
 
-    def _synthetic_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _synthetic_splits(self) -> dict[str, Samples]:
         hp = self.hparams
-        images, labels = generate_phantoms(hp.synthetic_samples, hp.image_size, seed=hp.seed)
+        images, labels, *masks = generate_phantoms(hp.synthetic_samples, hp.image_size, seed=hp.seed, masks=hp.masks)
         pixels = images.squeeze(1).mul(255).round().to(torch.uint8).numpy()
-        return _stratified_split(pixels, labels.numpy(), hp.split, hp.seed)
+        lung_fields = masks[0].squeeze(1).to(torch.uint8).numpy() if masks else None
+        return _stratified_split(Samples(pixels, labels.numpy(), lung_fields), hp.split, hp.seed)
 
-    def _folder_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _class_folders(self, class_root: Path) -> dict[str, Path]:
+        """{class name: folder} in label order: the subfolders of `class_root` or, with masks, `class_root` itself
+        when it holds ``images/`` (one class, named after `root`)."""
+        if self.hparams.masks and (class_root / "images").is_dir():
+            return {self.root.resolve().name: class_root}
+        return _folder_classes(class_root, self.hparams.masks)
+
+    def _folder_splits(self) -> dict[str, Samples]:
         hp = self.hparams
         class_root, split_folders = _folder_layout(self.root)
-        names = _folder_class_names(class_root)
+        names = list(self._class_folders(class_root))
+
+        def load(folder: Path) -> Samples:
+            classes = self._class_folders(folder)
+            if list(classes) != names:
+                raise ValueError(
+                    f"{folder} has classes {list(classes)}, but the training folder has {names}; every split needs the "
+                    f"same class subfolders."
+                )
+            return _load_class_folders(classes, hp.image_size, hp.masks)
+
         if split_folders is None:
-            images, labels = _load_class_folders(class_root, names, hp.image_size)
-            return _stratified_split(images, labels, hp.split, hp.seed)
-        splits = {name: _load_class_folders(folder, names, hp.image_size) for name, folder in split_folders.items()}
+            return _stratified_split(load(class_root), hp.split, hp.seed)
+        splits = {name: load(folder) for name, folder in split_folders.items()}
         if "val" not in splits:
             train_fraction = hp.split[0] / (hp.split[0] + hp.split[1])
-            carved = _stratified_split(*splits["train"], (train_fraction, 1 - train_fraction, 0.0), hp.seed)
+            carved = _stratified_split(splits["train"], (train_fraction, 1 - train_fraction, 0.0), hp.seed)
             splits["train"], splits["val"] = carved["train"], carved["val"]
         return splits
 
-    def _medmnist_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _medmnist_splits(self) -> dict[str, Samples]:
         arrays = _read_medmnist(self.root, labels_only=False)
         return {
-            split: (_resize_uint8(arrays[f"{split}_images"], self.hparams.image_size), arrays[f"{split}_labels"])
+            split: Samples(_resize_uint8(arrays[f"{split}_images"], self.hparams.image_size), arrays[f"{split}_labels"])
             for split in SPLITS
         }
 
@@ -323,9 +386,14 @@ class ChestXRayDataModule(L.LightningDataModule):
         return self._loader("test")
 
 
-def _check_options(source: str, root: str | None, image_size: int, channels: int, split: tuple[float, ...]) -> None:
+def _check_options(source: str, root: str | None, image_size: int, channels: int, split: tuple[float, ...], masks: bool) -> None:
     if source not in ("synthetic", "folder", "medmnist"):
         raise ValueError(f"--data.source must be synthetic, folder or medmnist, got {source!r}.")
+    if masks and source == "medmnist":
+        raise ValueError(
+            "--data.masks true: MedMNIST files hold no lung-field masks; use --data.source synthetic, or folder with "
+            "images/ and masks/ subfolders in each class folder."
+        )
     if source != "synthetic" and root is None:
         raise ValueError(f"--data.source {source} reads files: set --data.root to the dataset's folder or .npz file.")
     if source != "synthetic" and not Path(root).exists():
@@ -362,47 +430,135 @@ def _folder_layout(root: Path) -> tuple[Path, dict[str, Path] | None]:
     return root / "train", splits
 
 
-def _folder_class_names(class_root: Path) -> list[str]:
-    names = sorted(p.name for p in class_root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(names) < 2:
+def _folder_classes(class_root: Path, masks: bool) -> dict[str, Path]:
+    """{class name: folder} for the subfolders of `class_root`, sorted by name (label order)."""
+    folders = {p.name: p for p in sorted(class_root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    if masks and not folders:
         raise ValueError(
-            f"{class_root} has {len(names)} class subfolder(s) {names}; a classifier needs at least two "
+            f"{class_root} has no class subfolders and no images/ subfolder; with --data.masks true give images/ and "
+            f"masks/ either in {class_root} itself (one class) or in each class subfolder."
+        )
+    if not masks and set(folders) == {"images", "masks"}:
+        raise ValueError(
+            f"{class_root} holds images/ and masks/: for image/mask pairs set --data.masks true; a classifier needs one "
+            f"subfolder per class."
+        )
+    if not masks and len(folders) < 2:
+        raise ValueError(
+            f"{class_root} has {len(folders)} class subfolder(s) {list(folders)}; a classifier needs at least two "
             f"(e.g. Normal/ and Tuberculosis/), each holding that class's images."
         )
-    return names
+    return folders
 
 
-def _load_class_folders(class_root: Path, class_names: list[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every image under `class_root/<class>/` to (N, S, S) uint8 with labels (N,); corrupt files are skipped."""
-    names = _folder_class_names(class_root)
-    if names != class_names:
-        raise ValueError(f"{class_root} has classes {names}, but the training folder has {class_names}; every split needs the same class subfolders.")
-    files, labels = [], []
-    for label, name in enumerate(names):
-        class_files = sorted(p for p in (class_root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not class_files:
-            raise ValueError(f"Class folder {class_root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-        files += class_files
-        labels += [label] * len(class_files)
+def _image_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _paired_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """`folder/images/` and `folder/masks/` files paired by stem: (images, masks), aligned and sorted by stem."""
+    found = {}
+    for kind in ("images", "masks"):
+        if not (folder / kind).is_dir():
+            raise FileNotFoundError(
+                f"{folder / kind} does not exist; with --data.masks true each class folder holds images/ and masks/, "
+                f"whose files pair by stem (images/a.png <-> masks/a.png)."
+            )
+        files = _image_files(folder / kind)
+        found[kind] = {p.stem: p for p in files}
+        if len(found[kind]) < len(files):
+            stems = [p.stem for p in files]
+            twins = sorted(p.name for p in files if stems.count(p.stem) > 1)
+            raise ValueError(f"{folder / kind} holds files of the same stem {twins}: image and mask pair by stem, keep one of each.")
+    images, masks = found["images"], found["masks"]
+    for stem in sorted(images.keys() ^ masks.keys()):
+        if stem in images:
+            raise FileNotFoundError(f"Image {images[stem]} has no mask: add {folder / 'masks' / stem}.png, or remove the image.")
+        raise FileNotFoundError(f"Mask {masks[stem]} has no image of stem {stem!r} in {folder / 'images'}: add it, or remove the mask.")
+    return [images[stem] for stem in sorted(images)], [masks[stem] for stem in sorted(images)]
+
+
+def _load_class_folders(classes: dict[str, Path], image_size: int, masks: bool) -> Samples:
+    """Decode the images (and masks) of each class folder, labels in the order of `classes`; corrupt files are skipped.
+
+    Returns images (N, S, S) uint8 and labels (N,) int64 and, with `masks`, masks (N, S, S) uint8 in {0, 1}. A mask
+    whose size differs from its image's is an error.
+    """
+    image_files, mask_files, labels = [], [], []
+    for label, folder in enumerate(classes.values()):
+        class_images, class_masks = _paired_files(folder) if masks else (_image_files(folder), [])
+        if not class_images:
+            where = folder / "images" if masks else folder
+            pairs = not masks and (folder / "images").is_dir()
+            hint = " It has images/: for image/mask pairs set --data.masks true." if pairs else ""
+            raise ValueError(f"Class folder {where} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).{hint}")
+        image_files += class_images
+        mask_files += class_masks
+        labels += [label] * len(class_images)
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        decoded = list(pool.map(lambda path: decode_grayscale(path, image_size), files))
-    skipped = [str(path) for path, image in zip(files, decoded) if image is None]
+        decoded = list(pool.map(lambda path: _decode(path, image_size), image_files))
+        decoded_masks = list(pool.map(lambda path: _decode(path, image_size, mask=True), mask_files)) if masks else decoded
+    for image_path, mask_path, image, mask in zip(image_files, mask_files, decoded, decoded_masks):
+        if image is not None and mask is not None and image[1] != mask[1]:
+            (mask_width, mask_height), (width, height) = mask[1], image[1]
+            raise ValueError(
+                f"Mask {mask_path} is {mask_width}x{mask_height} pixels but its image {image_path} is {width}x{height}: "
+                f"a mask must have its image's size."
+            )
+    readable = [image is not None and mask is not None for image, mask in zip(decoded, decoded_masks)]
+    skipped = [str(path) for path, image in zip(image_files, decoded) if image is None]
+    skipped += [str(path) for path, mask in zip(mask_files, decoded_masks) if mask is None]
     if skipped:
-        if len(skipped) == len(files):
-            raise ValueError(f"None of the {len(files)} images under {class_root} could be read (first: {skipped[0]}).")
+        root = os.path.commonpath(classes.values())
+        if not any(readable):
+            raise ValueError(f"None of the {len(image_files)} images under {root} could be read (first: {skipped[0]}).")
         shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        rank_zero_warn(f"Skipped {len(skipped)} unreadable image(s) of {len(files)} under {class_root}: {shown}")
-    keep = [i for i, image in enumerate(decoded) if image is not None]
-    return np.stack([decoded[i] for i in keep]), np.asarray(labels, dtype=np.int64)[keep]
+        rank_zero_warn(f"Skipped {len(skipped)} unreadable image(s) of {len(image_files)} under {root}: {shown}")
+    keep = np.flatnonzero(readable)
+    return Samples(
+        np.stack([decoded[i][0] for i in keep]),
+        np.asarray(labels, dtype=np.int64)[keep],
+        np.stack([decoded_masks[i][0] for i in keep]) if masks else None,
+    )
 
 
 def decode_grayscale(path: Path, image_size: int) -> np.ndarray | None:
     """(S, S) uint8 for a readable image file, None for a corrupt or truncated one."""
+    decoded = _decode(path, image_size)
+    return None if decoded is None else decoded[0]
+
+
+def _decode(path: Path, image_size: int, mask: bool = False) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """A file as (S, S) uint8 with its (width, height) on disk; None for a corrupt or truncated file.
+
+    An image is converted to grayscale and resized bilinearly. A mask must be 8-bit grayscale (or 1-bit) holding
+    0/255 or 0/1 (anything else raises ValueError naming the file and its values); it is binarised to {0, 1}, then
+    resized by nearest neighbour, so it stays binary.
+    """
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR))
+        with Image.open(path) as file:
+            plane, size = np.asarray(file if mask else file.convert("L")), file.size
     except (OSError, SyntaxError, ValueError):
         return None
+    if mask:
+        plane = _binarised(plane, path)
+    resample = Image.Resampling.NEAREST if mask else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(plane).resize((image_size, image_size), resample)), size
+
+
+def _binarised(values: np.ndarray, path: Path) -> np.ndarray:
+    """A mask file's pixels, (H, W) uint8 0/255 or 0/1 or bool, as (H, W) uint8 in {0, 1}."""
+    found = np.unique(values)
+    levels = np.isin(found, (0, 1)).all() or np.isin(found, (0, 255)).all()
+    binary = values.ndim == 2 and values.dtype in (np.uint8, np.bool_) and levels
+    if not binary:
+        shown = ", ".join(str(v) for v in found[:8]) + (", ..." if len(found) > 8 else "")
+        raise ValueError(
+            f"Mask {path} is not binary: it holds the values [{shown}] ({values.dtype}, shape {values.shape}); a mask is "
+            f"an 8-bit grayscale PNG of 0 (background) and 255 or 1 (lung field)."
+        )
+    return (values > 0).astype(np.uint8)
 
 
 def _read_medmnist(path: Path, labels_only: bool) -> dict[str, np.ndarray]:
@@ -450,10 +606,9 @@ def interleaved_order(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.argsort(places, kind="stable")
 
 
-def _stratified_split(
-    images: np.ndarray, labels: np.ndarray, fractions: tuple[float, float, float], seed: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Seeded split keeping each class's share in every split; returns {split: (images, labels)}."""
+def _stratified_split(samples: Samples, fractions: tuple[float, float, float], seed: int) -> dict[str, Samples]:
+    """Seeded split keeping each class's share in every split; returns {split: samples}."""
+    labels = samples.labels
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     for label in np.unique(labels):
@@ -463,8 +618,4 @@ def _stratified_split(
         parts["val"].append(members[:n_val])
         parts["test"].append(members[n_val : n_val + n_test])
         parts["train"].append(members[n_val + n_test :])
-    splits = {}
-    for split, chunks in parts.items():
-        order = np.sort(np.concatenate(chunks))
-        splits[split] = (images[order], labels[order])
-    return splits
+    return {split: samples[np.sort(np.concatenate(chunks))] for split, chunks in parts.items()}

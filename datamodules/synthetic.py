@@ -91,6 +91,15 @@ def _lungs(gen, n, x, y):
     return mask, geometry
 
 
+def _heart(gen, n, x, y):
+    """Soft indicator of the heart: an ellipse, apex down and out, flattened where it sits on the diaphragm."""
+    heart_y = y - _uniform(gen, n, 0.12, 0.2)
+    heart_x = x - _uniform(gen, n, 0.08, 0.14) - _uniform(gen, n, 0.1, 0.3) * heart_y
+    heart_y = torch.where(heart_y > 0, 0.5 * heart_y, heart_y)
+    width, height = _uniform(gen, n, 0.28, 0.36), _uniform(gen, n, 0.22, 0.28)
+    return _inside((heart_x / width).square() + (heart_y / height).square(), 0.12)
+
+
 def _ribs(gen, n, x, y):
     """Posterior ribs: bright arcs on both sides of the spine."""
     lateral = x.abs()
@@ -143,7 +152,7 @@ def _lesions(gen, x, y, geometry, texture):
 
 
 def _render(gen, labels, size):
-    """Render one chunk of phantoms as (n, size, size) intensities in [0, 1]."""
+    """Render one chunk of phantoms: (n, size, size) intensities in [0, 1] and (n, size, size) bool lung fields."""
     n = labels.shape[0]
     axis = torch.linspace(-1.0, 1.0, size)
     grid_y, grid_x = torch.meshgrid(axis, axis, indexing="ij")
@@ -154,12 +163,8 @@ def _render(gen, labels, size):
     )
     body = _inside(_superellipse(x, y - 0.15, _uniform(gen, n, 0.85, 0.95), 1.12), 0.15)
     lungs, geometry = _lungs(gen, n, x, y)
-    heart_y = y - _uniform(gen, n, 0.12, 0.2)
-    heart_x = x - _uniform(gen, n, 0.08, 0.14) - _uniform(gen, n, 0.1, 0.3) * heart_y  # apex down and out
-    heart_y = torch.where(heart_y > 0, 0.5 * heart_y, heart_y)  # the heart sits on the diaphragm
-    heart_width, heart_height = _uniform(gen, n, 0.28, 0.36), _uniform(gen, n, 0.22, 0.28)
-    heart = _inside((heart_x / heart_width).square() + (heart_y / heart_height).square(), 0.12)
-    lungs = lungs * (1.0 - heart)
+    heart = _heart(gen, n, x, y)
+    lungs = lungs * (1.0 - heart)  # the soft lung field every lung term below is drawn with
     mediastinum = _bump((x / _uniform(gen, n, 0.13, 0.18)).square()) * body
     texture = _smooth_noise(gen, n, size, 12)
 
@@ -183,17 +188,21 @@ def _render(gen, labels, size):
     density = density + _uniform(gen, n, -0.05, 0.05) * grid_x + _uniform(gen, n, -0.05, 0.05) * grid_y
     density = (density - 0.35) * _uniform(gen, n, 0.75, 1.3) + 0.35 + _uniform(gen, n, -0.1, 0.1)
     density = density + 0.015 * _smooth_noise(gen, n, size, max(4, size // 2))
-    return density.clamp(0.0, 1.0)
+    return density.clamp(0.0, 1.0), lungs > 0.5
 
 
 def generate_phantoms(
-    num_images: int, image_size: int, seed: int, positive_fraction: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor]:
+    num_images: int, image_size: int, seed: int, positive_fraction: float = 0.5, masks: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Generate chest-X-ray-like phantoms for normal (0) vs tuberculosis (1).
 
     Returns images of shape (N, 1, S, S), float32 in [0, 1] (bright = dense), and
     labels of shape (N,), int64, with exactly round(positive_fraction * N) positives
-    in a seeded random order. The output depends only on the arguments.
+    in a seeded random order; with `masks`, also each image's lung-field mask,
+    (N, 1, S, S) float32 in {0, 1}. The lung field is where the soft indicator the
+    lungs are drawn with (both superellipse lungs below their diaphragm domes, less
+    the heart) exceeds 0.5: the pixels at least half lung. The output depends only
+    on the arguments; `masks` does not change the images.
     """
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}")
@@ -203,6 +212,7 @@ def generate_phantoms(
     labels = torch.zeros(num_images, dtype=torch.int64)
     labels[torch.randperm(num_images, generator=gen)[: round(positive_fraction * num_images)]] = 1
     chunk = max(1, _PIXELS_PER_CHUNK // (image_size * image_size))
-    images = [_render(gen, labels[i : i + chunk], image_size) for i in range(0, num_images, chunk)]
-    images = torch.cat(images) if images else torch.zeros(0, image_size, image_size)
-    return images.unsqueeze(1).to(torch.float32), labels
+    empty = torch.zeros(0, image_size, image_size)
+    chunks = [_render(gen, labels[i : i + chunk], image_size) for i in range(0, num_images, chunk)] or [(empty, empty)]
+    images, lung_fields = (torch.cat(parts).unsqueeze(1).to(torch.float32) for parts in zip(*chunks))
+    return (images, labels, lung_fields) if masks else (images, labels)

@@ -3,7 +3,8 @@
 from lightning_modules.classifier import ImageClassifierModule
 from lightning_modules.purifier import DiffusionPurifier
 from lightning_modules.purify_finetune import PurifyThenFinetune
+from lightning_modules.segmenter import LungSegmenter
 from lightning_modules.student import DistilledStudent
 from lightning_modules.teacher import TeacherClassifier
 
-__all__ = ["DiffusionPurifier", "DistilledStudent", "ImageClassifierModule", "PurifyThenFinetune", "TeacherClassifier"]
+__all__ = ["DiffusionPurifier", "DistilledStudent", "ImageClassifierModule", "LungSegmenter", "PurifyThenFinetune", "TeacherClassifier"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -13,21 +11,16 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from lightning_modules.optimization import adamw_warmup_cosine
+from lightning_modules.stage import StageModule, load_stage_module
 from robust_cxr.distillation import soft_target_kl, weighted_mean
 from robust_cxr.metrics import LogitsAndLabels, class_scores, classification_metrics, margin_threshold_for_sensitivity
 from robust_cxr.models import OperatingPoint
+from robust_cxr.tasks import ClassificationTask
 from robust_cxr.threat import DefendedModel
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.01) -> float:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class ImageClassifierModule(L.LightningModule):
+class ImageClassifierModule(StageModule):
     """Base LightningModule: `self.model` maps (B, C, H, W) images in [0, 1] to logits (B, K).
 
     Batches are dicts with ``image`` (B, C, H, W) in [0, 1] and ``label`` (B,). The adversarial
@@ -75,30 +68,13 @@ class ImageClassifierModule(L.LightningModule):
         self.operating_point = OperatingPoint(num_classes)  # its offset is saved with the model
         self.register_buffer("class_weight", torch.ones(num_classes), persistent=False)  # set at fit start
         self.model: nn.Module
-        self._frozen_names: list[str] = []
-
-    def register_frozen(self, name: str, module: nn.Module) -> None:
-        """Makes `module` available as ``self.<name>``: frozen, always in eval mode, and kept out of the
-        state dict, the optimizer and DDP (it is not a registered submodule), but moved with this module."""
-        module.eval().requires_grad_(False)
-        self.__dict__[name] = module
-        self._frozen_names.append(name)
 
     def register_frozen_teacher(self, teacher: ImageClassifierModule) -> None:
         """Makes the loaded `teacher` stage's classifier, at its operating point, ``self.teacher`` (see `register_frozen`),
         and its decision threshold ``self.teacher_threshold`` for the report rows."""
         deployed = teacher.deployed_model()
-        self.register_frozen("teacher", deployed.classifier)
+        self.register_frozen("teacher", deployed.undefended)
         self.teacher_threshold = deployed.decision_threshold
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        for name in self._frozen_names:
-            getattr(self, name)._apply(fn, *args, **kwargs)
-        return self
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Checkpoints written before operating points were saved decide by argmax.
@@ -107,6 +83,11 @@ class ImageClassifierModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.class_weights != "none":
             self.class_weight.copy_(_resolve_class_weights(self.hparams.class_weights, self.trainer.datamodule))
+
+    @property
+    def task(self) -> ClassificationTask:
+        """What the adversarial callback attacks and scores: logits against labels (``0``, ``1``, ... without class names)."""
+        return ClassificationTask(list(self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The stage's pipeline before its operating point: [0, 1] images (B, C, H, W) -> logits (B, K)."""
@@ -117,7 +98,7 @@ class ImageClassifierModule(L.LightningModule):
         return nn.Sequential(self.model, self.operating_point)
 
     def deployed_model(self) -> DefendedModel:
-        """What this stage deploys: its ``pipeline`` (any defense, then the classifier) and its ``classifier`` (without
+        """What this stage deploys: its ``pipeline`` (any defense, then the classifier) and its ``undefended`` classifier (without
         the defense), both at the operating point and mapping [0, 1] images (B, C, H, W) to logits (B, K)."""
         classifier = self.decision_classifier()
         return DefendedModel(self.report_name, "none", classifier, classifier, decision_threshold=self.operating_point.probability_threshold)
@@ -190,12 +171,7 @@ class ImageClassifierModule(L.LightningModule):
         hp = self.hparams
         no_decay = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
         groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_warmup_cosine(self, groups, hp.lr, hp.weight_decay, hp.warmup_epochs)
 
 
 def _check_imbalance_options(num_classes: int, class_weights: str | list[float], target_sensitivity: float | None) -> None:
@@ -233,26 +209,20 @@ CLASSIFIER_COMMAND = "python train.py --config configs/<stage>.yaml"  # what wri
 def load_classifier_module(
     checkpoint_path: str | Path, made_by: str, num_classes: int | None = None, class_names: list[str] | None = None
 ) -> ImageClassifierModule:
-    """The stage module saved in `checkpoint_path` (any `ImageClassifierModule`), on the CPU, frozen, in eval mode.
+    """The classifier stage saved in `checkpoint_path` (any `ImageClassifierModule`), as `load_stage_module` loads it.
 
-    `checkpoint_path` is a checkpoint file or a run directory, whose `checkpoints/best.ckpt` is read. `made_by` is the command that writes such a checkpoint, quoted in the error when the file is missing. When
-    given, `num_classes` and `class_names` (the data's) must match the classes the module was trained on.
+    When given, `num_classes` and `class_names` (the data's) must match the classes the module was trained on.
     """
-    path = Path(checkpoint_path)
-    if path.is_dir():
-        path = path / "checkpoints" / "best.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist. Make it with `{made_by}`, or pass the path of another checkpoint.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "module_class" not in checkpoint:
-        raise ValueError(f"{path} was not written by a robust-cxr classifier stage (it has no 'module_class' entry).")
-    module_path, class_name = checkpoint["module_class"].rsplit(".", 1)
-    module_class = getattr(importlib.import_module(module_path), class_name)
-    module = module_class.load_from_checkpoint(path, map_location="cpu", weights_only=False)  # our own files, with hyperparameter objects
+    module = load_stage_module(checkpoint_path, made_by)
+    if not isinstance(module, ImageClassifierModule):
+        raise ValueError(
+            f"{checkpoint_path} holds a {type(module).__name__} stage, not a classifier; "
+            f"pass a classifier stage's checkpoint (made with `{made_by}`)."
+        )
     trained_names, trained_count = module.hparams.get("class_names"), module.hparams.num_classes
     if (num_classes is not None and trained_count != num_classes) or (class_names and trained_names and list(trained_names) != list(class_names)):
         raise ValueError(
-            f"The classifier in {path} was trained on classes {trained_names} ({trained_count}) but the data have "
+            f"The classifier in {checkpoint_path} was trained on classes {trained_names} ({trained_count}) but the data have "
             f"{class_names} ({num_classes}); use a checkpoint trained on this data, or the data it was trained on."
         )
-    return module.eval().requires_grad_(False)
+    return module

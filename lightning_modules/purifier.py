@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from lightning_modules.classifier import warmup_cosine
+from lightning_modules.optimization import adamw_warmup_cosine
 from robust_cxr.purification import PurificationMethod, Purifier, load_unet
 
 DEFAULT_UNET = dict(
@@ -148,11 +148,7 @@ class DiffusionPurifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup_steps = round(hp.warmup_epochs * total_steps / max(1, self.trainer.max_epochs or 1))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.unet.parameters(), hp.lr, hp.weight_decay, hp.warmup_epochs)
 
 
 def _psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,9 @@ class AttackSpec:
             undefended classifier), ``transfer`` (source = another model, e.g. the teacher).
         eot_samples: draws of a stochastic source averaged per gradient step (EOT). Above 1 the source counts
             as random: APGD then returns its highest-loss point and AutoAttack runs its ``rand`` version.
-        name: label in metric names and reports; default from method and steps (``pgd10``).
+        target: a targeted goal of the task (e.g. segmentation's ``empty``: every pixel background), which the
+            attack drives the output toward instead of away from the truth; None: untargeted.
+        name: label in metric names and reports; default from method, steps and target (``pgd10``, ``pgd10_to_empty``).
         max_images: evaluate this attack on the test images of index < `max_images` only (None: every image
             the callback attacks), a class-stratified subset (see `datamodules.chest_xray.interleaved_order`),
             the same for any batch size and number of ranks; for attacks too costly for the whole set, such as
@@ -76,6 +78,7 @@ class AttackSpec:
     random_start: bool = True
     threat_model: ThreatModel = "whitebox"
     eot_samples: int = 1
+    target: str | None = None
     name: str | None = None
     max_images: int | None = None
 
@@ -107,9 +110,8 @@ class AttackSpec:
     def label(self) -> str:
         if self.name:
             return self.name
-        if self.method in ("fgsm", "cw_l2", "apgd_ce", "apgd_dlr", "autoattack"):
-            return self.method
-        return f"{self.method}{self.steps}"
+        label = self.method if self.method in ("fgsm", "cw_l2", "apgd_ce", "apgd_dlr", "autoattack") else f"{self.method}{self.steps}"
+        return label if self.target is None else f"{label}_to_{self.target}"
 
     @property
     def alpha(self) -> float:
@@ -118,7 +120,7 @@ class AttackSpec:
 
 
 class ExpectationOverTransformation(nn.Module):
-    """Logits of a stochastic model averaged over `samples` draws: (B, C, H, W) in [0, 1] -> (B, K).
+    """Outputs of a stochastic model averaged over `samples` draws: (B, C, H, W) in [0, 1] -> (B, ...) (logits).
 
     The gradient of the averaged logits is the average of the per-draw gradients (EOT). The draws
     run as one batch of B * samples images.
@@ -130,8 +132,8 @@ class ExpectationOverTransformation(nn.Module):
         self.samples = samples
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(images.repeat(self.samples, 1, 1, 1))
-        return logits.view(self.samples, images.shape[0], -1).mean(dim=0)
+        outputs = self.model(images.repeat(self.samples, 1, 1, 1))
+        return outputs.unflatten(0, (self.samples, images.shape[0])).mean(dim=0)
 
 
 @contextmanager
@@ -171,7 +173,7 @@ def keyed_uniform(like: torch.Tensor, keys: torch.Tensor, seed: int) -> torch.Te
     attacks score identically with 1 or N DDP processes. `keys` (B,) are e.g. dataset indices.
     """
     per_sample = like[0].numel()
-    key_hash = _hash32((keys.to(torch.int64) * 0x2545F491 + seed) & _MASK32)
+    key_hash = _hash32((keys.to(like.device, torch.int64) * 0x2545F491 + seed) & _MASK32)
     positions = torch.arange(per_sample, device=like.device, dtype=torch.int64)
     bits = _hash32((key_hash[:, None] * 0x61C88647 + positions[None, :]) & _MASK32)
     return (bits.to(torch.float64) / 2**32).to(like.dtype).view_as(like)
@@ -212,7 +214,7 @@ def craft_adversarial(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     keys: torch.Tensor | None = None,
     seed: int = 0,
     loss_fn: LossFn | None = None,
@@ -222,11 +224,11 @@ def craft_adversarial(
 
     Args:
         images: (B, C, H, W) in [0, 1]; labels: (B,) class indices, or for a custom `loss_fn`
-            whatever targets it takes (e.g. clean probabilities (B, K) for TRADES).
-        num_classes: K, for CW and the AutoAttack suite.
+            whatever targets it takes (e.g. clean probabilities (B, K) for TRADES, masks (B, 1, H, W)).
+        num_classes: K, for CW and the AutoAttack suite (classification).
         keys, seed: make random starts a function of (seed, key) per sample (see `keyed_uniform`).
-        loss_fn: loss to ascend, ``loss_fn(logits, labels)``; default summed cross-entropy.
-            Only the gradient-ascent methods (fgsm, pgd, bim, mifgsm, pgd_l2) accept one.
+        loss_fn: loss to ascend, ``loss_fn(outputs, labels)`` summed over the batch (see `robust_cxr.tasks`);
+            default summed cross-entropy. Only the gradient-ascent methods (fgsm, pgd, bim, mifgsm, pgd_l2) accept one.
         autocast_dtype: run the source under autocast in this dtype (bf16); None runs fp32.
 
     Returns:
@@ -235,7 +237,7 @@ def craft_adversarial(
     if loss_fn is not None and spec.method not in ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2"):
         raise ValueError(f"Attack {spec.label}: a custom loss needs fgsm, pgd, bim, mifgsm or pgd_l2, not {spec.method}.")
     needed = _classes_needed(spec)
-    if num_classes < needed:
+    if num_classes is not None and num_classes < needed:
         raise ValueError(
             f"Attack {spec.label}: the DLR loss of {spec.method} needs at least {needed} classes (this task has {num_classes}); "
             "use apgd_ce, pgd or cw_l2 for binary classifiers."

@@ -115,8 +115,8 @@ def recall_names(class_names: list[str]) -> list[str]:
 class RobustnessCounts(Metric):
     """Per-class counts for one attack on one model, summed over DDP ranks.
 
-    `update` takes labels (B,), (B,) bool `clean_correct` and `adversarial_correct`, and (B,) float perturbation
-    norms. An image is robust when it is classified right both clean and after the attack (the AutoAttack /
+    `update` takes labels (B,), the logits (B, K) of the clean and of the attacked images, and (B,) float perturbation
+    norms; the decision is the argmax. An image is robust when it is classified right both clean and after the attack (the AutoAttack /
     RobustBench definition), so robust accuracy never exceeds clean accuracy, also for a random defense whose
     fresh noise can right a clean mistake. `compute` returns:
 
@@ -138,7 +138,9 @@ class RobustnessCounts(Metric):
             self.add_state(name, default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("perturbation_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, labels: torch.Tensor, clean_correct: torch.Tensor, adversarial_correct: torch.Tensor, perturbation: torch.Tensor) -> None:
+    def update(self, labels: torch.Tensor, clean_logits: torch.Tensor, adversarial_logits: torch.Tensor, perturbation: torch.Tensor) -> None:
+        clean_correct = clean_logits.argmax(dim=1) == labels
+        adversarial_correct = adversarial_logits.argmax(dim=1) == labels
         robust = clean_correct & adversarial_correct
 
         def per_class(flags: torch.Tensor) -> torch.Tensor:
@@ -171,3 +173,44 @@ class RobustnessCounts(Metric):
             "total": self.total.sum(),
             "robust_correct": robust,
         }
+
+
+def dice_and_iou(predicted: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Dice and IoU (B,) of bool masks (B, 1, H, W); 1 where prediction and mask are both empty."""
+    predicted, masks = predicted.flatten(1), masks.flatten(1)
+    overlap = (predicted & masks).sum(dim=1).double()
+    sizes = predicted.sum(dim=1).double() + masks.sum(dim=1).double()
+    union = sizes - overlap
+    dice = torch.where(sizes > 0, 2 * overlap / sizes.clamp_min(1), 1.0)
+    iou = torch.where(union > 0, overlap / union.clamp_min(1), 1.0)
+    return dice, iou
+
+
+class SegmentationRobustness(Metric):
+    """Per-image Dice and IoU sums for one attack on one segmenter, summed over DDP ranks.
+
+    `update` takes masks (B, 1, H, W) in {0, 1}, the foreground logits (B, 1, H, W) of the clean and of the attacked
+    images (foreground where > 0), and (B,) perturbation norms. `compute` returns the means over the images:
+    ``clean_dice``, ``clean_iou``, ``dice``, ``iou`` (attacked), ``perturbation``; and ``total``.
+    """
+
+    full_state_update = False
+    SUMS = ("clean_dice", "clean_iou", "dice", "iou", "perturbation")
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in self.SUMS:
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, masks: torch.Tensor, clean_logits: torch.Tensor, adversarial_logits: torch.Tensor, perturbation: torch.Tensor) -> None:
+        masks = masks > 0.5
+        clean_dice, clean_iou = dice_and_iou(clean_logits > 0, masks)
+        dice, iou = dice_and_iou(adversarial_logits > 0, masks)
+        for name, values in zip(self.SUMS, (clean_dice, clean_iou, dice, iou, perturbation)):
+            setattr(self, name, getattr(self, name) + values.double().sum())
+        self.total += len(masks)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        count = self.total.clamp_min(1)
+        return {**{name: getattr(self, name) / count for name in self.SUMS}, "total": self.total}

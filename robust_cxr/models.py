@@ -1,20 +1,22 @@
-"""Classifiers as plain `nn.Module`s: images (B, C, H, W) in [0, 1] -> logits (B, K)."""
+"""Models as plain `nn.Module`s on images (B, C, H, W) in [0, 1]: classifiers (-> logits (B, K)) and segmenters
+(-> foreground logits (B, 1, H, W))."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
+import segmentation_models_pytorch as smp
 import timm
 import torch
 from torch import nn
 
 
-class NormalizedClassifier(nn.Module):
+class NormalizedModel(nn.Module):
     """Wraps a backbone that expects normalized input so that callers pass [0, 1] pixels.
 
     Args:
-        backbone: maps normalized (B, C, H, W) images to logits (B, K).
+        backbone: maps normalized (B, C, H, W) images to its outputs (logits (B, K), or (B, 1, H, W) for a segmenter).
         mean, std: per-channel statistics (length C) the backbone was trained with.
     """
 
@@ -35,7 +37,7 @@ def create_timm_classifier(
     image_size: int,
     pretrained_weights: str | None = None,
     **model_kwargs: Any,
-) -> NormalizedClassifier:
+) -> NormalizedModel:
     """A timm model by name with its own normalization inside.
 
     Args:
@@ -68,7 +70,7 @@ def create_timm_classifier(
     mean, std = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
     if len(mean) != in_chans:  # grayscale input to an RGB-normalized model: average the channel statistics
         mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
-    return NormalizedClassifier(backbone, mean, std)
+    return NormalizedModel(backbone, mean, std)
 
 
 class OperatingPoint(nn.Module):
@@ -99,7 +101,7 @@ class SmallCNN(nn.Module):
     """A small convolutional classifier: normalized images (B, C, H, W) -> logits (B, K).
 
     Per width, a stride-2 and a stride-1 3x3 conv-BatchNorm-ReLU block, then global average pooling
-    and a linear head; any input side. Wrap it in `NormalizedClassifier` for [0, 1] input (see
+    and a linear head; any input side. Wrap it in `NormalizedModel` for [0, 1] input (see
     `create_student_classifier`).
     """
 
@@ -127,9 +129,27 @@ def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequen
 
 def create_student_classifier(
     student_name: str, num_classes: int, in_chans: int, image_size: int, **student_kwargs: Any
-) -> NormalizedClassifier:
+) -> NormalizedModel:
     """The distilled student: ``small_cnn`` is `SmallCNN` (kwargs: ``widths``) on [0, 1] pixels centred to
     [-1, 1]; any other name is a timm model built by `create_timm_classifier` with `student_kwargs`."""
     if student_name == "small_cnn":
-        return NormalizedClassifier(SmallCNN(in_chans, num_classes, **student_kwargs), [0.5] * in_chans, [0.5] * in_chans)
+        return NormalizedModel(SmallCNN(in_chans, num_classes, **student_kwargs), [0.5] * in_chans, [0.5] * in_chans)
     return create_timm_classifier(student_name, num_classes, in_chans, image_size, **student_kwargs)
+
+
+def create_segmenter(
+    encoder_name: str, in_chans: int, encoder_depth: int = 4, decoder_channels: Sequence[int] = (64, 32, 16, 8)
+) -> NormalizedModel:
+    """A U-Net from segmentation_models_pytorch, built from scratch (no downloaded weights), on [0, 1] pixels centred
+    to [-1, 1]: images (B, C, S, S) -> foreground logits (B, 1, S, S), S a multiple of 2**encoder_depth.
+
+    Args:
+        encoder_name: an smp encoder (``resnet18``, ...) or a timm one with the ``tu-`` prefix (``tu-resnet10t``).
+        encoder_depth, decoder_channels: the U-Net's number of stages and each decoder stage's width
+            (`decoder_channels` holds `encoder_depth` widths).
+    """
+    if len(decoder_channels) != encoder_depth:
+        raise ValueError(f"decoder_channels needs one width per encoder stage ({encoder_depth}), got {list(decoder_channels)}.")
+    unet = smp.Unet(encoder_name, encoder_depth=encoder_depth, encoder_weights=None, decoder_channels=list(decoder_channels),
+                    in_channels=in_chans, classes=1)
+    return NormalizedModel(unet, [0.5] * in_chans, [0.5] * in_chans)

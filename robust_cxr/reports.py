@@ -9,13 +9,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from robust_cxr.tasks import Task
+
 MARKDOWN_LEFT_OUT = ("correct",)  # a count the JSON keeps; the Markdown table gives its share
 
 
 def write_robustness_report(rows: list[dict], directory: str | Path, stem: str = "robustness_report") -> Path:
     """Writes `rows` (dicts with the same keys, in column order) to `<stem>.json` and `<stem>.md`; returns the JSON path.
 
-    The Markdown table has every key as a column but `MARKDOWN_LEFT_OUT`, and is headed by what its accuracy means.
+    The Markdown table has every key as a column but `MARKDOWN_LEFT_OUT`, and is headed by what its values mean.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -23,7 +25,8 @@ def write_robustness_report(rows: list[dict], directory: str | Path, stem: str =
     json_path.write_text(json.dumps(rows, indent=2) + "\n")
     columns = [column for column in rows[0] if column not in MARKDOWN_LEFT_OUT]
     lines = [
-        "`accuracy`: right both clean and after the attack (robust accuracy); `clean_*`: the same images unattacked; "
+        "`value`: the row's `metric` under the attack (for `accuracy`: right both clean and after the attack, robust accuracy; "
+        "`dice`, `iou`: the mean over images); `clean_value`, `clean_*`: the same images unattacked; "
         "`n`: the images a row covers; recall columns per class; `accuracy_after_attack`: right after the attack alone; "
         "`threshold`: the P(class 1) above which a binary model decides class 1 (its operating point).",
         "",
@@ -44,43 +47,47 @@ def _format_cell(value) -> str:
     return str(value)
 
 
-def save_adversarial_grid(
+def save_example_grid(
     path: str | Path,
+    task: Task,
     clean: torch.Tensor,
     adversarial: torch.Tensor,
-    labels: torch.Tensor,
-    clean_predictions: torch.Tensor,
-    adversarial_predictions: torch.Tensor,
+    targets: torch.Tensor,
+    clean_outputs: torch.Tensor,
+    adversarial_outputs: torch.Tensor,
     eps: float,
-    class_names: list[str],
-    purified: torch.Tensor | None = None,
+    defended: torch.Tensor | None = None,
     tile: int = 128,
 ) -> Path:
-    """One row per image: clean | adversarial | perturbation amplified to the eps range | [purified] | predictions.
+    """A titled grid, one row per image: clean | adversarial (each with what the task draws of its prediction) |
+    perturbation amplified to the eps range | [defense output] | the task's caption (e.g. true and predicted classes).
 
     Args:
-        clean, adversarial: (N, C, H, W) in [0, 1]; labels and predictions: (N,) class indices.
+        clean, adversarial: (N, C, H, W) in [0, 1]; targets (N, ...), and the model's outputs (N, ...) for both.
         eps: the attack budget; the perturbation tile maps -eps..eps to black..white.
-        purified: (N, C, H, W) in [0, 1], the purifier's output for the adversarial images, or None.
+        defended: (N, C, H, W) in [0, 1], the defense's output for the adversarial images (e.g. purified), or None.
     """
     perturbation = (0.5 + 0.5 * (adversarial - clean) / eps).clamp(0, 1)
-    tiles = [clean, adversarial, perturbation] + ([purified] if purified is not None else [])
-    columns = len(tiles)
-    panels = torch.cat(tiles, dim=3).mean(dim=1)  # (N, H, columns * W) grayscale
-    panels = torch.nn.functional.interpolate(panels[:, None], size=(tile, columns * tile), mode="nearest")[:, 0]
-    text_width = 2 * tile
-    canvas = Image.new("L", (columns * tile + text_width, tile * len(panels)), color=255)
+    columns = [
+        ("clean", task.overlay(clean, clean_outputs)),
+        ("adversarial", task.overlay(adversarial, adversarial_outputs)),
+        (f"perturbation (+-{eps:g})", perturbation.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)),
+    ]
+    if defended is not None:
+        columns.append(("defense output", defended.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)))
+    panels = torch.cat([images.float().cpu() for _, images in columns], dim=3)  # (N, 3, H, columns * W)
+    panels = torch.nn.functional.interpolate(panels, size=(tile, len(columns) * tile), mode="nearest")
+    title_height, text_width = tile // 4, 2 * tile
+    canvas = Image.new("RGB", (len(columns) * tile + text_width, title_height + tile * len(panels)), color=(255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(10, tile // 9))
-    for row, panel in enumerate(panels):
-        pixels = (panel.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        canvas.paste(Image.fromarray(np.ascontiguousarray(pixels)), (0, row * tile))
-        text = (
-            f"true: {class_names[int(labels[row])]}\n"
-            f"clean: {class_names[int(clean_predictions[row])]}\n"
-            f"adversarial: {class_names[int(adversarial_predictions[row])]}"
-        )
-        draw.multiline_text((columns * tile + 8, row * tile + 8), text, fill=0, font=font, spacing=4)
+    for index, (title, _) in enumerate(columns):
+        draw.text((index * tile + 4, 4), title, fill=(0, 0, 0), font=font)
+    for row, (panel, caption) in enumerate(zip(panels, task.caption(targets, clean_outputs, adversarial_outputs))):
+        pixels = (panel.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        top = title_height + row * tile
+        canvas.paste(Image.fromarray(np.ascontiguousarray(pixels)), (0, top))
+        draw.multiline_text((len(columns) * tile + 8, top + 8), caption, fill=(0, 0, 0), font=font, spacing=4)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

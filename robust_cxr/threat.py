@@ -12,16 +12,15 @@ from robust_cxr.attacks import ThreatModel
 
 @dataclass
 class DefendedModel:
-    """A classifier as deployed, with what robustness evaluation needs to attack it.
+    """A model as deployed (a classifier, a segmenter, ...), with what robustness evaluation needs to attack it.
 
     Args:
-        model: name of the classifier in reports (``teacher``, ``teacher_finetuned``, ``student``).
-        defense: ``none`` or what stands in front of the classifier (``purifier/ddim-10``).
-        classifier: the undefended classifier, [0, 1] images -> logits (the gray-box source).
-        pipeline: defense then classifier, what is deployed and scored (the classifier itself
-            when `defense` is ``none``).
+        model: name of the model in reports (``teacher``, ``teacher_finetuned``, ``student``, ``segmenter``).
+        defense: ``none`` or what stands in front of the model (``purifier/ddim-10``).
+        undefended: the model without the defense, [0, 1] images -> outputs (logits; the gray-box source).
+        pipeline: defense then model, what is deployed and scored (the model itself when `defense` is ``none``).
         transfer_source: another model whose attacks are transferred (e.g. the teacher).
-        defense_module: what stands in front of the classifier, [0, 1] images -> [0, 1] images (the purifier), or
+        defense_module: what stands in front of the model, [0, 1] images -> [0, 1] images (the purifier), or
             None; the report grid and `predict.py` show its output.
         decision_threshold: for a binary classifier, the P(class 1) above which it decides class 1 (its operating
             point, 0.5 for argmax); None for more classes.
@@ -32,7 +31,7 @@ class DefendedModel:
 
     model: str
     defense: str
-    classifier: nn.Module
+    undefended: nn.Module
     pipeline: nn.Module
     transfer_source: nn.Module | None = None
     defense_module: nn.Module | None = None
@@ -53,5 +52,5 @@ class DefendedModel:
         if threat_model == "whitebox":
             return self.pipeline
         if threat_model == "graybox":
-            return None if self.defense == "none" else self.classifier
+            return None if self.defense == "none" else self.undefended
         return self.transfer_source

@@ -63,7 +63,7 @@ def test_test_report_of_a_trained_teacher(teacher_run):
     markdown = (teacher_run / "robustness_report.md").read_text()
     assert "| teacher | none | 0.5000 | pgd10 | whitebox |" in markdown and "| sensitivity |" in markdown
     with Image.open(teacher_run / "adversarial_examples.png") as grid:
-        assert grid.size == (5 * 128, 8 * 128)
+        assert grid.size == (5 * 128, 128 // 4 + 8 * 128)  # 3 tiles and the text (2 tiles wide) under a title band
 
 
 def _load_teacher(teacher_run) -> TeacherClassifier:

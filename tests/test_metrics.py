@@ -10,12 +10,17 @@ import torch
 from robust_cxr.metrics import RobustnessCounts, recall_names
 
 
+def _logits(labels: torch.Tensor, correct: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """One-hot logits (B, K) whose argmax is the label where `correct`, the next class elsewhere."""
+    return torch.nn.functional.one_hot(torch.where(correct, labels, (labels + 1) % num_classes), num_classes).float()
+
+
 def test_counts_follow_the_standard_definition_per_class():
     labels = torch.tensor([0, 0, 0, 1, 1])
     clean = torch.tensor([True, True, False, True, False])
     after_attack = torch.tensor([True, False, True, False, True])  # images 2 and 4: wrong clean, right after the attack
     counts = RobustnessCounts(num_classes=2)
-    counts.update(labels, clean, after_attack, torch.tensor([0.01, 0.02, 0.03, 0.04, 0.05]))
+    counts.update(labels, _logits(labels, clean, 2), _logits(labels, after_attack, 2), torch.tensor([0.01, 0.02, 0.03, 0.04, 0.05]))
     result = counts.compute()
     assert result["clean_acc"].item() == pytest.approx(3 / 5)
     assert result["robust_acc"].item() == pytest.approx(1 / 5)  # only image 0 is right both clean and attacked
@@ -30,7 +35,8 @@ def test_counts_follow_the_standard_definition_per_class():
 def test_absent_class_and_no_fooled_image_give_nan_not_zero():
     counts = RobustnessCounts(num_classes=3)
     labels = torch.tensor([0, 1])
-    counts.update(labels, torch.tensor([True, True]), torch.tensor([True, True]), torch.zeros(2))
+    right = torch.tensor([True, True])
+    counts.update(labels, _logits(labels, right, 3), _logits(labels, right, 3), torch.zeros(2))
     result = counts.compute()
     assert math.isnan(result["robust_recall"][2].item())
     assert result["robust_balanced_acc"].item() == 1.0  # the mean over the classes present
@@ -43,7 +49,7 @@ def test_robust_accuracy_never_exceeds_clean_accuracy():
     for _ in range(20):
         labels = torch.randint(0, 2, (16,), generator=generator)
         clean, after_attack = (torch.rand(2, 16, generator=generator) < 0.6).unbind()
-        counts.update(labels, clean, after_attack, torch.rand(16, generator=generator))
+        counts.update(labels, _logits(labels, clean, 2), _logits(labels, after_attack, 2), torch.rand(16, generator=generator))
     result = counts.compute()
     assert result["robust_acc"] <= result["clean_acc"]
     assert torch.all(result["robust_recall"] <= result["clean_recall"])

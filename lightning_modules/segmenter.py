@@ -1,0 +1,106 @@
+"""The lung-field segmenter: a U-Net (segmentation_models_pytorch) trained on the DataModule's masks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.segmentation import DiceScore, MeanIoU
+
+from lightning_modules.optimization import adamw_warmup_cosine
+from lightning_modules.stage import StageModule
+from robust_cxr.models import create_segmenter
+from robust_cxr.tasks import SegmentationTask, segmentation_loss
+from robust_cxr.threat import DefendedModel
+
+
+def _dice_and_iou() -> MetricCollection:
+    """Per-image foreground Dice and IoU averaged over images, updated with (B, H, W) {0, 1} predictions and masks."""
+    return MetricCollection({
+        "dice": DiceScore(num_classes=2, include_background=False, input_format="index"),
+        "iou": MeanIoU(num_classes=2, include_background=False, input_format="index"),
+    })
+
+
+class LungSegmenter(StageModule):
+    """Segments the lung fields: images (B, C, S, S) in [0, 1] -> foreground logits (B, 1, S, S), lung where > 0.
+
+    Batches need ``mask`` (B, 1, S, S) in {0, 1} (``--data.masks true``). The loss is pixel-wise binary cross-entropy
+    plus soft Dice loss (`robust_cxr.tasks.segmentation_loss`); validation and test log ``dice`` and ``iou``
+    (torchmetrics, per image, averaged). Attacks and the robustness report follow `SegmentationTask`.
+
+    Args:
+        num_classes, class_names: linked from the DataModule by the CLI; unused (one foreground class).
+        in_chans, image_size: image channels and side, linked from the DataModule (the side a multiple of
+            2 ** encoder_depth).
+        encoder_name, encoder_depth, decoder_channels: the U-Net (see `robust_cxr.models.create_segmenter`).
+        lr, weight_decay, warmup_epochs: AdamW with linear warmup, then cosine decay per step.
+    """
+
+    report_name = "segmenter"
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        in_chans: int = 1,
+        image_size: int = 64,
+        encoder_name: str = "tu-resnet10t",
+        encoder_depth: int = 4,
+        decoder_channels: Sequence[int] = (64, 32, 16, 8),
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 0.5,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if image_size % 2**encoder_depth:
+            raise ValueError(f"The U-Net halves the image {encoder_depth} times: image_size {image_size} must be a multiple of "
+                             f"{2**encoder_depth}; change --data.image_size or encoder_depth.")
+        self.model = create_segmenter(encoder_name, in_chans, encoder_depth, decoder_channels)
+        self.val_metrics = _dice_and_iou().clone(prefix="val/")
+        self.test_metrics = _dice_and_iou().clone(prefix="test/")
+
+    @property
+    def task(self) -> SegmentationTask:
+        return SegmentationTask()
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and not datamodule.hparams.get("masks"):
+            raise ValueError("LungSegmenter trains and scores on lung masks: set --data.masks true (configs/segment.yaml does).")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def deployed_model(self) -> DefendedModel:
+        """The segmenter as deployed, [0, 1] images (B, C, S, S) -> foreground logits (B, 1, S, S)."""
+        return DefendedModel(self.report_name, "none", self.model, self.model)
+
+    def robustness_subjects(self) -> list[DefendedModel]:
+        return [self.deployed_model()]
+
+    def adversarial_training_source(self) -> torch.nn.Module:
+        return self.model
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = segmentation_loss(self.model(batch["image"]), batch["mask"]).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+        logits = self.model(batch["image"])
+        self.log(f"{stage}/loss", segmentation_loss(logits, batch["mask"]).mean(), sync_dist=True, batch_size=len(logits))
+        metrics.update((logits[:, 0] > 0).long(), batch["mask"][:, 0].long())
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return adamw_warmup_cosine(self, self.model.parameters(), hp.lr, hp.weight_decay, hp.warmup_epochs)

@@ -1,0 +1,209 @@
+"""Tasks: what a model's outputs are, what an attack on it ascends, and how its outputs are scored.
+
+A stage declares its task (``pl_module.task``); the adversarial callback, the attacks, the threat models and the
+report use nothing else about the outputs, so they serve every task unchanged:
+
+- `attack_objective(spec, targets)`: the targets an attack takes and the loss it ascends (None: the attack
+  method's own classification loss);
+- `robustness_counter()`: a DDP-summed torchmetrics `Metric` updated with the targets and the clean and attacked
+  outputs of the same images; `logged` and `report_rows` turn its `compute()` into logged metrics and report rows
+  (one row per metric, each with ``metric``, ``value`` (under attack) and ``clean_value`` (the same images clean));
+- `overlay` and `caption`: what the example grid draws on an image and writes beside it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from robust_cxr.attacks import AttackSpec, LossFn
+from robust_cxr.metrics import RobustnessCounts, SegmentationRobustness, dice_and_iou, recall_names
+
+
+class Task(ABC):
+    """What a stage's model maps [0, 1] images (B, C, H, W) to, and how those outputs are attacked and scored.
+
+    Attributes:
+        name: ``classification``, ``segmentation``, ...
+        target_key: the batch entry holding the targets (``label``, ``mask``).
+        attack_methods: the attack methods that apply; `check_attack` rejects the others.
+        targeted_goals: the goals a targeted attack (`AttackSpec.target`) may drive outputs toward.
+        attack_loss: the loss attacks ascend, ``loss(outputs, targets)`` summed over the batch; None: each attack
+            method's own classification loss (cross-entropy, CW's margin, APGD's CE or DLR).
+        num_classes: K for the classification attacks that need it (CW, AutoAttack); None for other tasks.
+    """
+
+    name: str
+    target_key: str
+    attack_methods: tuple[str, ...]
+    targeted_goals: tuple[str, ...] = ()
+    attack_loss: LossFn | None = None
+    num_classes: int | None = None
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch[self.target_key]
+
+    def check_attack(self, spec: AttackSpec) -> None:
+        """Raises a ValueError naming the fix if `spec` does not apply to this task."""
+        if spec.method not in self.attack_methods:
+            raise ValueError(f"Attack {spec.label}: {spec.method} does not apply to {self.name}; use one of {list(self.attack_methods)}.")
+        if spec.target is not None and spec.target not in self.targeted_goals:
+            goals = f"one of {list(self.targeted_goals)}" if self.targeted_goals else "null (this task has no targeted goal)"
+            raise ValueError(f"Attack {spec.label}: target {spec.target!r} is not a {self.name} goal; set target to {goals}.")
+
+    def attack_objective(self, spec: AttackSpec, targets: torch.Tensor) -> tuple[torch.Tensor, LossFn | None]:
+        """(targets, loss) the attack `spec` ascends: untargeted, the task loss against the true targets; targeted,
+        the negated task loss against the goal's targets (the attack descends toward the goal)."""
+        if spec.target is None:
+            return targets, self.attack_loss
+        loss = self.attack_loss
+        return self.goal_targets(spec.target, targets), lambda outputs, goal: -loss(outputs, goal)
+
+    def goal_targets(self, goal: str, targets: torch.Tensor) -> torch.Tensor:
+        """The targets of a targeted goal (one of `targeted_goals`, whose tasks define `attack_loss`), shaped like `targets`."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def robustness_counter(self) -> Metric:
+        """A fresh counter: ``update(targets, clean_outputs, adversarial_outputs, perturbation (B,))``."""
+
+    @abstractmethod
+    def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metric name (without stage and attack) -> value, from a counter's `compute()` under an attack."""
+
+    @abstractmethod
+    def report_rows(self, result: dict[str, torch.Tensor], attacked: bool) -> list[dict]:
+        """Report columns from a counter's `compute()`: one dict per metric, each starting with ``n``, ``metric``,
+        ``value``, ``clean_value``; `attacked` is False for the clean row."""
+
+    @abstractmethod
+    def overlay(self, images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 1]: images (N, C, H, W) with what the outputs (N, ...) predict drawn on them."""
+
+    @abstractmethod
+    def caption(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> list[str]:
+        """One text per image for the example grid."""
+
+
+def _grayscale_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, 3, H, W): the channel mean repeated."""
+    return images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+
+
+class ClassificationTask(Task):
+    """Logits (B, K) against labels (B,); scored by accuracy (right both clean and attacked), balanced accuracy and
+    per-class recall. Attacks ascend their method's own loss (cross-entropy for the gradient-ascent methods).
+
+    Args:
+        class_names: the K classes in label order.
+    """
+
+    name = "classification"
+    target_key = "label"
+    attack_methods = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2", "cw_l2", "apgd_ce", "apgd_dlr", "autoattack")
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+
+    def robustness_counter(self) -> Metric:
+        return RobustnessCounts(self.num_classes)
+
+    def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {
+            "robust_acc": result["robust_acc"], "robust_balanced_acc": result["robust_balanced_acc"],
+            "attack_success": result["attack_success"], "perturbation": result["perturbation"],
+            **{f"robust_{name}": value for name, value in zip(recall_names(self.class_names), result["robust_recall"])},
+        }
+
+    def report_rows(self, result: dict[str, torch.Tensor], attacked: bool) -> list[dict]:
+        result = {name: value.tolist() for name, value in result.items()}
+        recalls = recall_names(self.class_names)
+        return [dict(
+            n=int(result["total"]),
+            metric="accuracy",
+            value=result["robust_acc"],
+            clean_value=result["clean_acc"],
+            clean_accuracy=result["clean_acc"],
+            accuracy=result["robust_acc"],
+            balanced_accuracy=result["robust_balanced_acc"],
+            **dict(zip(recalls, result["robust_recall"])),
+            clean_balanced_accuracy=result["clean_balanced_acc"],
+            **{f"clean_{name}": value for name, value in zip(recalls, result["clean_recall"])},
+            correct=int(result["robust_correct"]),
+            accuracy_after_attack=result["after_attack_acc"] if attacked else None,
+            attack_success=result["attack_success"] if attacked else None,
+            perturbation=result["perturbation"] if attacked else None,
+        )]
+
+    def overlay(self, images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        return _grayscale_rgb(images)
+
+    def caption(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> list[str]:
+        names = self.class_names
+        return [
+            f"true: {names[int(label)]}\nclean: {names[int(clean)]}\nadversarial: {names[int(attacked)]}"
+            for label, clean, attacked in zip(targets, clean_outputs.argmax(dim=1), adversarial_outputs.argmax(dim=1))
+        ]
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(B,) per-image loss: mean pixel-wise binary cross-entropy plus soft Dice loss (1 - soft Dice).
+
+    Args:
+        logits: (B, 1, H, W) foreground logits; masks: (B, 1, H, W) in {0, 1}.
+    """
+    cross_entropy = F.binary_cross_entropy_with_logits(logits.float(), masks, reduction="none").flatten(1).mean(dim=1)
+    probabilities = torch.sigmoid(logits.float()).flatten(1)
+    masks = masks.flatten(1)
+    soft_dice = (2 * (probabilities * masks).sum(dim=1) + 1) / (probabilities.sum(dim=1) + masks.sum(dim=1) + 1)
+    return cross_entropy + 1 - soft_dice
+
+
+def _summed(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LossFn:
+    return lambda outputs, targets: loss(outputs, targets).sum()
+
+
+class SegmentationTask(Task):
+    """Foreground logits (B, 1, H, W) against masks (B, 1, H, W) in {0, 1}; a pixel is foreground where its logit
+    is > 0. Attacks ascend `segmentation_loss` summed over the images; the ``empty`` goal drives every pixel to
+    background (a DAG-style targeted attack). Scored by per-image Dice and IoU, averaged over the images."""
+
+    name = "segmentation"
+    target_key = "mask"
+    attack_methods = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2")
+    targeted_goals = ("empty",)
+    attack_loss = staticmethod(_summed(segmentation_loss))
+
+    def goal_targets(self, goal: str, targets: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(targets)
+
+    def robustness_counter(self) -> Metric:
+        return SegmentationRobustness()
+
+    def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"robust_dice": result["dice"], "robust_iou": result["iou"], "perturbation": result["perturbation"]}
+
+    def report_rows(self, result: dict[str, torch.Tensor], attacked: bool) -> list[dict]:
+        n = int(result["total"])
+        return [
+            dict(n=n, metric=name, value=result[name].item(), clean_value=result[f"clean_{name}"].item(),
+                 perturbation=result["perturbation"].item() if attacked else None)
+            for name in ("dice", "iou")
+        ]
+
+    def overlay(self, images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """The predicted foreground tinted red."""
+        rgb = _grayscale_rgb(images).clone()
+        foreground = (outputs > 0).float()
+        red = torch.tensor([1.0, 0.0, 0.0], device=images.device).view(1, 3, 1, 1)
+        return rgb * (1 - 0.4 * foreground) + 0.4 * foreground * red
+
+    def caption(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> list[str]:
+        clean_dice, _ = dice_and_iou(clean_outputs > 0, targets > 0.5)
+        attacked_dice, _ = dice_and_iou(adversarial_outputs > 0, targets > 0.5)
+        return [f"Dice clean: {clean:.3f}\nDice adversarial: {attacked:.3f}" for clean, attacked in zip(clean_dice.tolist(), attacked_dice.tolist())]
