@@ -28,6 +28,7 @@ What the outputs are, what attacks ascend and how outputs are scored is the modu
 from __future__ import annotations
 
 import math
+import random
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -42,21 +43,21 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torchmetrics import Metric
 
-from robust_cxr.attacks import AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
+from robust_cxr.attacks import GRADIENT_METHODS, AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
+from robust_cxr.metrics import DetectionScores
 from robust_cxr.reports import save_example_grid, write_robustness_report
 from robust_cxr.tasks import Task
-from robust_cxr.threat import DefendedModel
-
-GRADIENT_ASCENT_METHODS = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2")
-
+from robust_cxr.threat import DefendedModel, seen_label
 
 class AdversarialExampleCallback(Callback):
     """Adversarial training and robust-accuracy evaluation, on every DDP rank's own shard.
 
     Args:
         attacks: the evaluation suite, run at validation and test.
-        train_attack: the attack for adversarial training (white-box against the module being
-            trained); None trains on clean images only.
+        train_attack: the attack for adversarial training (white-box against the module's
+            `adversarial_training_source()`); None trains on clean images only.
+        train_attack_mix: instead of `train_attack`, attacks of which each training step draws one (seeded by the
+            step, the same on every rank), e.g. several methods and eps for a detector.
         train_fraction: share of each training batch attacked (0..1): replaced by its adversarial
             images (PGD-AT), or paired with them (TRADES, module-chosen targets).
         train_eps_warmup_epochs: ramp the training eps linearly from 0 to `train_attack.eps` over
@@ -78,6 +79,7 @@ class AdversarialExampleCallback(Callback):
         self,
         attacks: list[AttackSpec] | None = None,
         train_attack: AttackSpec | None = None,
+        train_attack_mix: list[AttackSpec] | None = None,
         train_fraction: float = 0.5,
         train_eps_warmup_epochs: float = 0.0,
         trades_beta: float | None = None,
@@ -89,8 +91,11 @@ class AdversarialExampleCallback(Callback):
     ):
         if not 0.0 <= train_fraction <= 1.0:
             raise ValueError(f"train_fraction must lie in [0, 1], got {train_fraction}.")
-        if train_attack is not None and trades_beta is not None and train_attack.method not in GRADIENT_ASCENT_METHODS:
-            raise ValueError(f"TRADES ascends a KL loss: train_attack must be one of {GRADIENT_ASCENT_METHODS}, not {train_attack.method}.")
+        if train_attack is not None and train_attack_mix:
+            raise ValueError("Set train_attack or train_attack_mix, not both.")
+        train_attacks = [train_attack] if train_attack is not None else list(train_attack_mix or [])
+        if trades_beta is not None and any(spec.method not in GRADIENT_METHODS for spec in train_attacks):
+            raise ValueError(f"TRADES ascends a KL loss: training attacks must be among {GRADIENT_METHODS}, got {[s.method for s in train_attacks]}.")
         if val_every_n_epochs < 1:
             raise ValueError(f"val_every_n_epochs must be >= 1, got {val_every_n_epochs}.")
         for name, value in (("val_max_images", val_max_images), ("test_max_images", test_max_images)):
@@ -100,7 +105,7 @@ class AdversarialExampleCallback(Callback):
         if len(set(labels)) != len(labels):
             raise ValueError(f"Attack names must be unique (they name metrics): {labels}; set `name` to tell them apart.")
         self.attacks = list(attacks or [])
-        self.train_attack = train_attack
+        self.train_attacks = train_attacks
         self.train_fraction = train_fraction
         self.train_eps_warmup_epochs = train_eps_warmup_epochs
         self.trades_beta = trades_beta
@@ -110,16 +115,19 @@ class AdversarialExampleCallback(Callback):
         self.grid_images = grid_images
         self.seed = seed
         self._counts: dict[tuple[str, str], Metric] = {}
+        self._detections: dict[tuple[str, str], DetectionScores] = {}
         self._subjects: list[DefendedModel] = []
         self._grid: dict[str, torch.Tensor] | None = None
         self._hook_owner: L.LightningModule | L.LightningDataModule | None = None
 
     # ----------------------------------------------------------------- training
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.attacks and not self.train_attacks:  # e.g. the purifier stage, which has no task to attack
+            return
         task: Task = pl_module.task
-        for spec in self.attacks + [self.train_attack] * (self.train_attack is not None):
+        for spec in self.attacks + self.train_attacks:
             task.check_attack(spec)
-        if self.train_attack is None or stage != TrainerFn.FITTING.value:
+        if not self.train_attacks or stage != TrainerFn.FITTING.value:
             return
         if self.trades_beta is not None and task.name != "classification":
             raise ValueError(f"TRADES compares class probabilities; {type(pl_module).__name__} is a {task.name} stage: set trades_beta to null.")
@@ -161,6 +169,8 @@ class AdversarialExampleCallback(Callback):
         )
         if hasattr(pl_module, "adversarial_training_targets"):
             batch, targets, loss_fn = pl_module.adversarial_training_targets(batch, count)
+            if loss_fn is None:
+                targets, loss_fn = task.attack_objective(spec, targets)
             added = {}
         elif self.trades_beta is not None:
             with attacking(source):
@@ -174,12 +184,14 @@ class AdversarialExampleCallback(Callback):
         return {**batch, "adversarial_image": adversarial, **added}
 
     def _scheduled_train_attack(self, trainer: L.Trainer) -> AttackSpec | None:
-        """The training attack at this step's point of the eps warmup; None while its eps is still 0."""
+        """This step's training attack (drawn from the mix, if any) at its point of the eps warmup; None while its eps is
+        still 0."""
+        spec = self.train_attacks[random.Random(self.seed + trainer.global_step).randrange(len(self.train_attacks))]
         if self.train_eps_warmup_epochs <= 0:
-            return self.train_attack
+            return spec
         epochs_done = trainer.global_step * trainer.accumulate_grad_batches / max(1, trainer.num_training_batches)
         scale = min(1.0, epochs_done / self.train_eps_warmup_epochs)
-        return replace(self.train_attack, eps=self.train_attack.eps * scale) if scale > 0 else None
+        return replace(spec, eps=spec.eps * scale) if scale > 0 else None
 
     # --------------------------------------------------------------- evaluation
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -190,7 +202,7 @@ class AdversarialExampleCallback(Callback):
         self._start_evaluation(pl_module, active=True)
 
     def _start_evaluation(self, pl_module: L.LightningModule, active: bool) -> None:
-        self._counts, self._grid = {}, None
+        self._counts, self._detections, self._grid = {}, {}, None
         if not active or not self.attacks:
             return
         self._subjects = pl_module.robustness_subjects()
@@ -201,6 +213,8 @@ class AdversarialExampleCallback(Callback):
                 for spec in self.attacks:
                     if subject.attack_source(spec.threat_model) is not None:
                         self._counts[(subject.key, spec.label)] = task.robustness_counter().to(pl_module.device)
+            self._detections = {key: DetectionScores().to(pl_module.device) for key in self._counts
+                                if next(s for s in self._subjects if s.key == key[0]).detector is not None}
         skipped = [s.label for s in self.attacks if all((subj.key, s.label) not in self._counts for subj in self._subjects)]
         if skipped:
             rank_zero_info(f"Attacks {skipped} do not apply to {[s.key for s in self._subjects]} and are skipped.")
@@ -242,6 +256,9 @@ class AdversarialExampleCallback(Callback):
             with _seeded_global_rng(seed, images.device):
                 clean_outputs = _outputs(subject.pipeline, images, dtype)
             self._counts[(subject.key, "none")].update(targets, clean_outputs, clean_outputs, torch.zeros(len(images), device=images.device))
+            if subject.detector is not None:
+                clean_scores = _outputs(subject.detector, images, dtype)
+                self._detections[(subject.key, "none")].update(clean_scores, None)
             for slot, spec in enumerate(self.attacks, start=1):
                 source = subject.attack_source(spec.threat_model)
                 chosen = _subset(keys, spec.max_images, len(images)).to(images.device)
@@ -250,12 +267,15 @@ class AdversarialExampleCallback(Callback):
                 attack_targets, loss_fn = task.attack_objective(spec, targets[chosen])
                 with _seeded_global_rng(seed + slot, images.device):
                     adversarial = craft_adversarial(
-                        spec, source, images[chosen], attack_targets, num_classes=task.num_classes, loss_fn=loss_fn,
+                        spec, source, images[chosen], attack_targets, num_classes=task.num_classes,
+                        loss_fn=subject.attack_loss(spec.threat_model, loss_fn),
                         keys=None if keys is None else keys[chosen], seed=self.seed, autocast_dtype=dtype,
                     )
                     adversarial_outputs = _outputs(subject.pipeline, adversarial, dtype)
                 norms = perturbation_norm(adversarial, images[chosen], spec.norm)
                 self._counts[(subject.key, spec.label)].update(targets[chosen], clean_outputs[chosen], adversarial_outputs, norms)
+                if subject.detector is not None:
+                    self._detections[(subject.key, spec.label)].update(clean_scores[chosen], _outputs(subject.detector, adversarial, dtype))
                 if capture_grid and subject is grid_subject and self._grid is None:
                     n = self.grid_images
                     self._grid = dict(
@@ -303,15 +323,31 @@ class AdversarialExampleCallback(Callback):
                 eps=spec.eps if spec else 0.0, **executed,
             )
             rows += [{**setting, **columns} for columns in task.report_rows(result, attacked=spec is not None)]
+            if subject.detector is not None:
+                detection = self._detections[(subject_key, attack)].compute(float(subject.detector.threshold))
+                rows += _detection_rows(setting, detection, spec, subject.detector_seen)
+                for name in ("auroc", "tpr") if spec is not None else ():
+                    pl_module.log(f"{stage}/detection_{name}/{attack}{suffix}", detection[name], sync_dist=True)
         return [{key: None if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()} for row in rows]
+
+
+def _detection_rows(setting: dict, detection: dict[str, float], spec: AttackSpec | None, seen_attacks: tuple[str, ...]) -> list[dict]:
+    """A detector's report rows: ``detection_rate``, the share of the attacked images it flags (`clean_value`: of the
+    clean ones, its false-positive rate; the clean row has that share alone) and, under an attack, ``detection_auroc``
+    (clean against attacked). `seen_in_training` says whether the detector was trained on that attack's method and eps."""
+    seen = None if spec is None else seen_label(spec.method, spec.eps) in seen_attacks
+    common = {**setting, "n": detection["n"], "seen_in_training": seen}
+    rate = dict(common, metric="detection_rate", value=detection["fpr" if spec is None else "tpr"], clean_value=detection["fpr"])
+    return [rate] if spec is None else [dict(common, metric="detection_auroc", value=detection["auroc"], clean_value=None), rate]
 
 
 def _log_report_to_wandb(trainer: L.Trainer, rows: list[dict], grid: Path | None) -> None:
     """Logs the report rows as a table and the example grid (a PNG path, if any) as an image to every W&B logger."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            table = [list(row.values()) for row in rows]
-            logger.log_table("test/robustness_report", columns=list(rows[0]), data=table, step=trainer.global_step)
+            columns = list(dict.fromkeys(key for row in rows for key in row))
+            table = [[row.get(column) for column in columns] for row in rows]
+            logger.log_table("test/robustness_report", columns=columns, data=table, step=trainer.global_step)
             if grid is not None:
                 logger.log_image("test/adversarial_examples", images=[str(grid)], step=trainer.global_step)
 

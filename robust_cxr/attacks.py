@@ -40,8 +40,9 @@ from pyautoattack import AutoAttack  # noqa: E402
 from pyautoattack.autopgd_base import APGDAttack  # noqa: E402
 
 AttackMethod = Literal["fgsm", "pgd", "bim", "mifgsm", "pgd_l2", "cw_l2", "apgd_ce", "apgd_dlr", "autoattack"]
-ThreatModel = Literal["whitebox", "graybox", "transfer"]
+ThreatModel = Literal["whitebox", "graybox", "transfer", "adaptive"]
 L2_METHODS = ("pgd_l2", "cw_l2")
+GRADIENT_METHODS = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2")  # the methods that ascend any given loss
 CW_SEARCH_STEPS = 5  # binary-search rounds over CW's trade-off constant
 AUTOATTACK_ITERATIONS = 100  # APGD iterations of AutoAttack's standard and rand versions
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,7 +59,9 @@ class AttackSpec:
         step_size: per-step size; default 2.5 * eps / steps (CW: Adam learning rate 0.01).
         random_start: start PGD / L2-PGD / APGD from a random point of the eps-ball.
         threat_model: ``whitebox`` (source = the defended target), ``graybox`` (source = the
-            undefended classifier), ``transfer`` (source = another model, e.g. the teacher).
+            undefended classifier), ``transfer`` (source = another model, e.g. the teacher), ``adaptive``
+            (white-box through a defense with a detector, also descending the detector's score: see
+            `robust_cxr.threat.DefendedModel`).
         eot_samples: draws of a stochastic source averaged per gradient step (EOT). Above 1 the source counts
             as random: APGD then returns its highest-loss point and AutoAttack runs its ``rand`` version.
         target: a targeted goal of the task (e.g. segmentation's ``empty``: every pixel background), which the
@@ -85,6 +88,8 @@ class AttackSpec:
     def __post_init__(self) -> None:
         if self.eps <= 0 or self.steps < 1 or self.eot_samples < 1 or (self.max_images is not None and self.max_images < 1):
             raise ValueError(f"Attack {self.label}: eps must be > 0, steps and eot_samples >= 1, max_images >= 1 or null (got {self}).")
+        if self.threat_model == "adaptive" and (self.method not in GRADIENT_METHODS or self.eot_samples > 1):
+            raise ValueError(f"Attack {self.label}: the adaptive threat model needs one of {GRADIENT_METHODS} and eot_samples 1 (got {self}).")
 
     @property
     def stochastic_source(self) -> bool:
@@ -234,15 +239,15 @@ def craft_adversarial(
     Returns:
         (B, C, H, W) in [0, 1], within `spec.eps` of `images` in `spec.norm` (except CW-L2).
     """
-    if loss_fn is not None and spec.method not in ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2"):
-        raise ValueError(f"Attack {spec.label}: a custom loss needs fgsm, pgd, bim, mifgsm or pgd_l2, not {spec.method}.")
+    if loss_fn is not None and spec.method not in GRADIENT_METHODS:
+        raise ValueError(f"Attack {spec.label}: a custom loss needs one of {GRADIENT_METHODS}, not {spec.method}.")
     needed = _classes_needed(spec)
     if num_classes is not None and num_classes < needed:
         raise ValueError(
             f"Attack {spec.label}: the DLR loss of {spec.method} needs at least {needed} classes (this task has {num_classes}); "
             "use apgd_ce, pgd or cw_l2 for binary classifiers."
         )
-    loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="sum")
+    loss_fn = loss_fn or summed_cross_entropy
     images = images.detach()
     with attacking(source), torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         # AutoAttack's rand version runs EOT itself (over `eot_iter` gradient draws).
@@ -307,6 +312,11 @@ def _classes_needed(spec: AttackSpec) -> int:
     if spec.method == "apgd_dlr" or (spec.method == "autoattack" and spec.stochastic_source):
         return 3
     return 4 if spec.method == "autoattack" else 2
+
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits (B, K) against labels (B,), summed over the batch: the default loss attacks ascend."""
+    return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def trades_kl_loss(adversarial_logits: torch.Tensor, clean_probabilities: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torchmetrics import Metric, MetricCollection
+from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.classification import (
     BinaryAccuracy,
@@ -192,25 +193,62 @@ class SegmentationRobustness(Metric):
     `update` takes masks (B, 1, H, W) in {0, 1}, the foreground logits (B, 1, H, W) of the clean and of the attacked
     images (foreground where > 0), and (B,) perturbation norms. `compute` returns the means over the images:
     ``clean_dice``, ``clean_iou``, ``dice``, ``iou`` (attacked), ``perturbation``; and ``total``.
+
+    Dice and IoU are summed as int64 multiples of ``1 / SCORE_UNIT`` (each image's value rounded by < 1e-12): an
+    exact sum, the same whatever the order of images and ranks, so N-process DDP reports the same means as one
+    process (a float sum differs in the last bit). Up to 2**23 images.
     """
 
     full_state_update = False
-    SUMS = ("clean_dice", "clean_iou", "dice", "iou", "perturbation")
+    SCORES = ("clean_dice", "clean_iou", "dice", "iou")
+    SCORE_UNIT = 2**40
 
     def __init__(self) -> None:
         super().__init__()
-        for name in self.SUMS:
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in self.SCORES:
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("perturbation", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, masks: torch.Tensor, clean_logits: torch.Tensor, adversarial_logits: torch.Tensor, perturbation: torch.Tensor) -> None:
         masks = masks > 0.5
         clean_dice, clean_iou = dice_and_iou(clean_logits > 0, masks)
         dice, iou = dice_and_iou(adversarial_logits > 0, masks)
-        for name, values in zip(self.SUMS, (clean_dice, clean_iou, dice, iou, perturbation)):
-            setattr(self, name, getattr(self, name) + values.double().sum())
+        for name, values in zip(self.SCORES, (clean_dice, clean_iou, dice, iou)):
+            setattr(self, name, getattr(self, name) + (values * self.SCORE_UNIT).round().long().sum())
+        self.perturbation = self.perturbation + perturbation.double().sum()
         self.total += len(masks)
 
     def compute(self) -> dict[str, torch.Tensor]:
         count = self.total.clamp_min(1)
-        return {**{name: getattr(self, name) / count for name in self.SUMS}, "total": self.total}
+        scores = {name: getattr(self, name).double() / self.SCORE_UNIT / count for name in self.SCORES}
+        return {**scores, "perturbation": self.perturbation / count, "total": self.total}
+
+
+class DetectionScores(Metric):
+    """A detector's scores (higher: more likely adversarial) on clean images and on their attacked versions, gathered
+    over DDP ranks. `update` takes clean scores (B,) and adversarial scores (B,) of the same images (None for the clean
+    row). `compute(threshold)` returns ``auroc`` (clean vs adversarial; NaN without adversarial scores), ``tpr`` (share
+    of adversarial images flagged, score > threshold), ``fpr`` (share of clean images flagged) and ``n``."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("clean_scores", default=[], dist_reduce_fx="cat")
+        self.add_state("adversarial_scores", default=[], dist_reduce_fx="cat")
+
+    def update(self, clean_scores: torch.Tensor, adversarial_scores: torch.Tensor | None) -> None:
+        self.clean_scores.append(clean_scores.detach().float())
+        if adversarial_scores is not None:
+            self.adversarial_scores.append(adversarial_scores.detach().float())
+
+    def compute(self, threshold: float) -> dict[str, float]:
+        clean = dim_zero_cat(self.clean_scores)
+        fpr = (clean > threshold).float().mean().item()
+        if not self.adversarial_scores:
+            return {"auroc": math.nan, "tpr": math.nan, "fpr": fpr, "n": len(clean)}
+        adversarial = dim_zero_cat(self.adversarial_scores)
+        labels = torch.cat([torch.zeros_like(clean), torch.ones_like(adversarial)]).long()
+        auroc = binary_auroc(torch.cat([clean, adversarial]), labels).item()
+        return {"auroc": auroc, "tpr": (adversarial > threshold).float().mean().item(), "fpr": fpr, "n": len(clean)}

@@ -138,10 +138,11 @@ def create_student_classifier(
 
 
 def create_segmenter(
-    encoder_name: str, in_chans: int, encoder_depth: int = 4, decoder_channels: Sequence[int] = (64, 32, 16, 8)
+    encoder_name: str, in_chans: int, encoder_depth: int = 4, decoder_channels: Sequence[int] = (64, 32, 16, 8), out_chans: int = 1
 ) -> NormalizedModel:
     """A U-Net from segmentation_models_pytorch, built from scratch (no downloaded weights), on [0, 1] pixels centred
-    to [-1, 1]: images (B, C, S, S) -> foreground logits (B, 1, S, S), S a multiple of 2**encoder_depth.
+    to [-1, 1]: images (B, C, S, S) -> `out_chans` maps (B, out_chans, S, S) (a segmenter's foreground logits), S a
+    multiple of 2**encoder_depth.
 
     Args:
         encoder_name: an smp encoder (``resnet18``, ...) or a timm one with the ``tu-`` prefix (``tu-resnet10t``).
@@ -151,5 +152,5 @@ def create_segmenter(
     if len(decoder_channels) != encoder_depth:
         raise ValueError(f"decoder_channels needs one width per encoder stage ({encoder_depth}), got {list(decoder_channels)}.")
     unet = smp.Unet(encoder_name, encoder_depth=encoder_depth, encoder_weights=None, decoder_channels=list(decoder_channels),
-                    in_channels=in_chans, classes=1)
+                    in_channels=in_chans, classes=out_chans)
     return NormalizedModel(unet, [0.5] * in_chans, [0.5] * in_chans)

@@ -15,20 +15,23 @@ MARKDOWN_LEFT_OUT = ("correct",)  # a count the JSON keeps; the Markdown table g
 
 
 def write_robustness_report(rows: list[dict], directory: str | Path, stem: str = "robustness_report") -> Path:
-    """Writes `rows` (dicts with the same keys, in column order) to `<stem>.json` and `<stem>.md`; returns the JSON path.
+    """Writes `rows` (dicts, keys in column order) to `<stem>.json` and `<stem>.md`; returns the JSON path.
 
-    The Markdown table has every key as a column but `MARKDOWN_LEFT_OUT`, and is headed by what its values mean.
+    The Markdown table has every key of any row as a column (``-`` where a row lacks it) but `MARKDOWN_LEFT_OUT`, and
+    is headed by what its values mean.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / f"{stem}.json"
     json_path.write_text(json.dumps(rows, indent=2) + "\n")
-    columns = [column for column in rows[0] if column not in MARKDOWN_LEFT_OUT]
+    columns = [column for column in dict.fromkeys(key for row in rows for key in row) if column not in MARKDOWN_LEFT_OUT]
     lines = [
         "`value`: the row's `metric` under the attack (for `accuracy`: right both clean and after the attack, robust accuracy; "
         "`dice`, `iou`: the mean over images); `clean_value`, `clean_*`: the same images unattacked; "
         "`n`: the images a row covers; recall columns per class; `accuracy_after_attack`: right after the attack alone; "
-        "`threshold`: the P(class 1) above which a binary model decides class 1 (its operating point).",
+        "`threshold`: the P(class 1) above which a binary model decides class 1 (its operating point); "
+        "`detection_rate`: share of attacked images a detector flags (`clean_value`: of clean images), `detection_auroc`: clean "
+        "against attacked, `seen_in_training`: whether the detector trained on that method and eps.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),

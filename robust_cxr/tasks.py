@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from robust_cxr.attacks import AttackSpec, LossFn
+from robust_cxr.attacks import GRADIENT_METHODS, AttackSpec, LossFn
 from robust_cxr.metrics import RobustnessCounts, SegmentationRobustness, dice_and_iou, recall_names
 
 
@@ -175,7 +175,7 @@ class SegmentationTask(Task):
 
     name = "segmentation"
     target_key = "mask"
-    attack_methods = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2")
+    attack_methods = GRADIENT_METHODS
     targeted_goals = ("empty",)
     attack_loss = staticmethod(_summed(segmentation_loss))
 

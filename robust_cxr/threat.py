@@ -1,13 +1,17 @@
-"""Threat models: which module an attack follows and which one it is scored on."""
+"""Threat models: which module an attack follows, which loss it ascends, and which module it is scored on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import get_args
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from robust_cxr.attacks import ThreatModel
+from robust_cxr.attacks import LossFn, ThreatModel, summed_cross_entropy
+
+ADAPTIVE_DETECTOR_WEIGHT = 1.0  # weight of the detector's score in the adaptive attack's loss
 
 
 @dataclass
@@ -27,6 +31,11 @@ class DefendedModel:
         threat_models: the threat models it is attacked under; e.g. leave out ``whitebox`` where a stage
             reports a purifier's white-box robustness elsewhere, since each white-box step runs the
             reverse diffusion forward and backward.
+        detector: a detector of adversarial inputs that is part of the defense, [0, 1] images (B, C, H, W) ->
+            scores (B,), flagging scores above its ``threshold`` buffer; the report then adds detection rows, and
+            the ``adaptive`` threat model applies.
+        detector_seen: ``method@eps`` labels of the attacks the detector was trained on (`seen_label`), to mark
+            detection rows seen or unseen.
     """
 
     model: str
@@ -37,6 +46,8 @@ class DefendedModel:
     defense_module: nn.Module | None = None
     decision_threshold: float | None = None
     threat_models: tuple[ThreatModel, ...] = get_args(ThreatModel)
+    detector: nn.Module | None = None
+    detector_seen: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -53,4 +64,35 @@ class DefendedModel:
             return self.pipeline
         if threat_model == "graybox":
             return None if self.defense == "none" else self.undefended
+        if threat_model == "adaptive":
+            return None if self.detector is None else _OutputsAndScores(self.pipeline, self.detector)
         return self.transfer_source
+
+    def attack_loss(self, threat_model: ThreatModel, loss: LossFn | None) -> LossFn | None:
+        """The loss an attack of `threat_model` ascends, given the task's (`loss(outputs, targets)` summed over the
+        batch; None: the attack method's own). The adaptive attack ascends it (summed cross-entropy for None) minus
+        the detector's softplus score (weight `ADAPTIVE_DETECTOR_WEIGHT`), on the (outputs, scores) its source
+        returns, so that it fools the model while staying unflagged; the other threat models ascend `loss`."""
+        if threat_model != "adaptive":
+            return loss
+        loss = loss or summed_cross_entropy
+        return lambda outputs_and_scores, targets: (
+            loss(outputs_and_scores[0], targets) - ADAPTIVE_DETECTOR_WEIGHT * F.softplus(outputs_and_scores[1]).sum()
+        )
+
+
+def seen_label(method: str, eps: float) -> str:
+    """How a detector records an attack it was trained on, e.g. ``pgd@0.03``."""
+    return f"{method}@{eps:g}"
+
+
+class _OutputsAndScores(nn.Module):
+    """images (B, C, H, W) -> (pipeline outputs, detector scores (B,)), the source of the adaptive attack."""
+
+    def __init__(self, pipeline: nn.Module, detector: nn.Module):
+        super().__init__()
+        self.pipeline = pipeline
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pipeline(images), self.detector(images)

@@ -1,0 +1,242 @@
+"""The frequency-domain defense of Park et al. as two stages in front of any trained target stage (the lung segmenter
+or a classifier), which stays frozen: a detector of adversarial inputs, and a reformer that maps inputs back toward
+clean images. Both train on adversarial images that the callback crafts on the fly against the frozen target
+(``adversarial.train_attack`` or a mix drawn per batch, ``adversarial.train_attack_mix``), added beside the clean ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.optimization import adamw_warmup_cosine
+from lightning_modules.stage import StageModule, load_stage_module
+from robust_cxr.frequency import DetectThenReform, FrequencyDetector, FrequencyRepresentation, Reformer, pixel_loss, threshold_for_false_positive_rate
+from robust_cxr.attacks import summed_cross_entropy
+from robust_cxr.metrics import LogitsAndLabels
+from robust_cxr.tasks import Task
+from robust_cxr.threat import DefendedModel, seen_label
+
+TARGET_COMMAND = "python train.py --config configs/segment.yaml (or a classifier stage's config)"
+DETECTOR_COMMAND = "python train.py --config configs/detector.yaml"
+
+
+class TargetDefenseStage(StageModule):
+    """A defense trained in front of the frozen target stage of `target_ckpt`.
+
+    The target's deployed pipeline is ``self.target`` ([0, 1] images -> its outputs) and its task is this stage's
+    task: the callback's attacks ascend the target's loss and the report scores the target's outputs.
+
+    Args:
+        target_ckpt: checkpoint (or run directory) of a classifier or segmenter stage.
+        in_chans, image_size: the data's, linked by the CLI; they must be the target's.
+        lr, weight_decay, warmup_epochs: AdamW with linear warmup, then cosine decay per step.
+    """
+
+    def __init__(self, target_ckpt: str, in_chans: int, image_size: int):
+        super().__init__()
+        target = load_stage_module(target_ckpt, TARGET_COMMAND)
+        if not hasattr(target, "task"):
+            raise ValueError(f"{target_ckpt} holds a {type(target).__name__} stage, which has no task to defend; "
+                             "pass a classifier's or the segmenter's checkpoint as target_ckpt.")
+        trained = (target.hparams.get("in_chans"), target.hparams.get("image_size"))
+        if trained != (in_chans, image_size):
+            raise ValueError(f"The target in {target_ckpt} takes {trained[0]}-channel {trained[1]} px images, the data are "
+                             f"{in_chans}-channel {image_size} px: set --data.channels {trained[0]} --data.image_size {trained[1]}.")
+        self.target_deployed: DefendedModel = target.deployed_model()
+        self.register_frozen("target", self.target_deployed.pipeline)
+        self._task: Task = target.task
+
+    @property
+    def task(self) -> Task:
+        return self._task
+
+    def adversarial_training_source(self) -> nn.Module:
+        """The frozen target: the defense learns from attacks on it."""
+        return self.target
+
+    def adversarial_training_targets(self, batch: dict[str, torch.Tensor], count: int) -> tuple[dict, torch.Tensor, None]:
+        """The target's own objective on the first `count` images; the callback adds them as ``adversarial_image``."""
+        return batch, self._task.targets(batch)[:count], None
+
+    def on_fit_start(self) -> None:
+        if not any(getattr(callback, "train_attacks", None) for callback in self.trainer.callbacks):
+            raise ValueError(f"{type(self).__name__} learns from adversarial images: set adversarial.train_attack or adversarial.train_attack_mix.")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return adamw_warmup_cosine(self, self.model.parameters(), hp.lr, hp.weight_decay, hp.warmup_epochs)
+
+
+class AdversarialDetector(TargetDefenseStage):
+    """Tells adversarial inputs of the target from clean ones: a `FrequencyDetector`, trained with binary
+    cross-entropy on each batch's clean images (0) and the attacked ones (1).
+
+    Each validation sets the detector's threshold to the score that `false_positive_rate` of the clean validation
+    images exceed (gathered over ranks); it is saved with the detector, with the attacks it was trained on (for the
+    report's seen / unseen marks). The report evaluates the target with the detector attached: detection rows
+    (AUROC, detection rate at the threshold) per attack, and the ``adaptive`` threat model, which evades it.
+
+    Args:
+        representation, with_image, widths: the detector (see `robust_cxr.frequency.FrequencyDetector`).
+        false_positive_rate: the share of clean images the threshold may flag.
+        Other arguments: see `TargetDefenseStage`.
+    """
+
+    def __init__(
+        self,
+        target_ckpt: str = "runs/segmenter/checkpoints/best.ckpt",
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        in_chans: int = 1,
+        image_size: int = 64,
+        representation: FrequencyRepresentation = "log_magnitude",
+        with_image: bool = False,
+        widths: tuple[int, ...] = (16, 32, 64),
+        false_positive_rate: float = 0.05,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 0.5,
+    ):
+        super().__init__(target_ckpt, in_chans, image_size)
+        self.save_hyperparameters()
+        self.model = FrequencyDetector(in_chans, representation, with_image, tuple(widths))
+        self.val_clean_scores = LogitsAndLabels()  # scores (B, 1) of clean validation images, with their indices
+        self.seen_attacks: list[str] = []
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.seen_attacks = sorted({seen_label(spec.method, spec.eps) for callback in self.trainer.callbacks
+                                    for spec in getattr(callback, "train_attacks", [])})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["seen_attacks"] = self.seen_attacks
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.seen_attacks = list(checkpoint.get("seen_attacks", []))
+
+    def deployed_model(self) -> DefendedModel:
+        """The target with the detector attached (its outputs unchanged)."""
+        target = self.target_deployed
+        return DefendedModel(target.model, "detector", self.target, self.target, decision_threshold=target.decision_threshold,
+                             threat_models=("whitebox", "adaptive"), detector=self.model, detector_seen=tuple(self.seen_attacks))
+
+    def robustness_subjects(self) -> list[DefendedModel]:
+        return [self.deployed_model()]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # One forward over both: BatchNorm statistics of a clean-only or an attacked-only batch would hide the difference.
+        scores = self.model(torch.cat([batch["image"], batch["adversarial_image"]]))
+        labels = torch.cat([torch.zeros(len(batch["image"])), torch.ones(len(batch["adversarial_image"]))]).to(scores)
+        loss = F.binary_cross_entropy_with_logits(scores, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/detection_acc", ((scores > 0) == labels.bool()).float().mean(), prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        scores = self.model(batch["image"])
+        self.val_clean_scores.update(scores[:, None], batch["index"])
+
+    def on_validation_epoch_end(self) -> None:
+        """Sets the threshold for `false_positive_rate` from the epoch's clean validation scores (all ranks)."""
+        if self.val_clean_scores.update_count == 0:
+            return
+        scores, _ = self.val_clean_scores.compute()
+        self.val_clean_scores.reset()
+        self.model.threshold.fill_(threshold_for_false_positive_rate(scores[:, 0], self.hparams.false_positive_rate))
+        self.log("val/threshold", self.model.threshold, sync_dist=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("test/false_positive_rate", self.model.flagged(batch["image"]).float().mean(), sync_dist=True)
+
+
+class AdversarialReformer(TargetDefenseStage):
+    """Maps adversarial and clean images to the clean image in front of the frozen target: a `Reformer` trained with
+    the pixel loss (mean squared error) on each batch's attacked and clean images, plus, with `task_loss_weight`, the
+    target's own loss on the reformed attacked images.
+
+    The report evaluates the target alone, the reformer + target (gray-box: attacks on the target alone; white-box:
+    through the reformer) and, with `detector_ckpt`, detector + reformer + target, which reforms only what the
+    detector flags (white-box, gray-box and the detector-aware ``adaptive`` attack, with detection rows).
+
+    Args:
+        detector_ckpt: an `AdversarialDetector` checkpoint trained for the same target, or None.
+        encoder_name, encoder_depth, decoder_channels: the reformer's U-Net (see `robust_cxr.frequency.Reformer`).
+        task_loss_weight: weight of the target's loss on reformed attacked images (0: pixel loss only).
+        Other arguments: see `TargetDefenseStage`.
+    """
+
+    def __init__(
+        self,
+        target_ckpt: str = "runs/segmenter/checkpoints/best.ckpt",
+        detector_ckpt: str | None = "runs/detector/checkpoints/best.ckpt",
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        in_chans: int = 1,
+        image_size: int = 64,
+        encoder_name: str = "tu-resnet10t",
+        encoder_depth: int = 3,
+        decoder_channels: tuple[int, ...] = (32, 16, 8),
+        task_loss_weight: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 0.5,
+    ):
+        super().__init__(target_ckpt, in_chans, image_size)
+        self.save_hyperparameters()
+        self.model = Reformer(in_chans, encoder_name, encoder_depth, tuple(decoder_channels))
+        self.detector_stage = None if detector_ckpt is None else _load_detector(detector_ckpt, self._task)
+        if self.detector_stage is not None:
+            self.register_frozen("detector", self.detector_stage.model)
+
+    def deployed_model(self) -> DefendedModel:
+        """The reformer, then the target."""
+        target = self.target_deployed
+        return DefendedModel(target.model, "reformer", self.target, nn.Sequential(self.model, self.target),
+                             defense_module=self.model, decision_threshold=target.decision_threshold)
+
+    def robustness_subjects(self) -> list[DefendedModel]:
+        target = self.target_deployed
+        subjects = [DefendedModel(target.model, "none", self.target, self.target, decision_threshold=target.decision_threshold),
+                    self.deployed_model()]
+        if self.detector_stage is not None:
+            detect_then_reform = DetectThenReform(self.detector, self.model)
+            subjects.append(DefendedModel(
+                target.model, "detector+reformer", self.target, nn.Sequential(detect_then_reform, self.target),
+                defense_module=detect_then_reform, decision_threshold=target.decision_threshold,
+                detector=self.detector, detector_seen=tuple(self.detector_stage.seen_attacks),
+            ))
+        return subjects
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        adversarial, clean = batch["adversarial_image"], batch["image"]
+        count = len(adversarial)
+        # One forward over both, so that BatchNorm sees the mix the reformer meets.
+        reformed = self.model(torch.cat([adversarial, clean]))
+        loss = pixel_loss(reformed, torch.cat([clean[:count], clean])).mean()
+        if self.hparams.task_loss_weight > 0:
+            task_loss = (self._task.attack_loss or summed_cross_entropy)(self.target(reformed[:count]), self._task.targets(batch)[:count])
+            loss = loss + self.hparams.task_loss_weight * task_loss / count
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val/clean_pixel_loss", pixel_loss(self.model(batch["image"]), batch["image"]).mean(), sync_dist=True, prog_bar=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("test/clean_pixel_loss", pixel_loss(self.model(batch["image"]), batch["image"]).mean(), sync_dist=True)
+
+
+def _load_detector(detector_ckpt: str, task: Task) -> AdversarialDetector:
+    """The detector stage of `detector_ckpt`, which must defend a target of the same task."""
+    detector = load_stage_module(detector_ckpt, DETECTOR_COMMAND)
+    if not isinstance(detector, AdversarialDetector):
+        raise ValueError(f"{detector_ckpt} holds a {type(detector).__name__} stage, not an AdversarialDetector: pass the detector "
+                         f"stage's checkpoint (`{DETECTOR_COMMAND}`) as detector_ckpt, or null.")
+    if detector.task.name != task.name:
+        raise ValueError(f"The detector in {detector_ckpt} was trained against a {detector.task.name} target, this target is "
+                         f"{task.name}: train a detector for this target.")
+    return detector
+
