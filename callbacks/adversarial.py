@@ -305,6 +305,8 @@ class AdversarialExampleCallback(Callback):
 
     def _log_results(self, stage: str, pl_module: L.LightningModule) -> list[dict]:
         """Computes every counter (a collective: all ranks call it), logs the metrics, returns report rows."""
+        if not self._counts:  # no attacks (a stage without a task, such as the purifier) or not due this epoch
+            return []
         task: Task = pl_module.task
         rows = []
         specs = {spec.label: spec for spec in self.attacks}
