@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
@@ -213,8 +214,9 @@ class RunIdentity(Callback):
 
 def run_identity(cli: LightningCLI) -> dict:
     """What a run's checkpoints belong to: the model class and the data (source, root, seed, split and subsampling,
-    classes, size)."""
+    classes, size, degradation)."""
     data = cli.datamodule.hparams
+    degradation = cli.datamodule.degradation
     return dict(
         model=f"{type(cli.model).__module__}.{type(cli.model).__qualname__}",
         data_source=data.source,
@@ -226,6 +228,7 @@ def run_identity(cli: LightningCLI) -> dict:
         class_names=list(cli.datamodule.class_names),
         image_size=data.image_size,
         channels=data.channels,
+        degradation=asdict(degradation) if degradation is not None else None,
     )
 
 

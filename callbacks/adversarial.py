@@ -305,7 +305,7 @@ class AdversarialExampleCallback(Callback):
 
     def _log_results(self, stage: str, pl_module: L.LightningModule) -> list[dict]:
         """Computes every counter (a collective: all ranks call it), logs the metrics, returns report rows."""
-        if not self._counts:  # no attacks (a stage without a task, such as the purifier) or not due this epoch
+        if not self._counts:  # nothing was attacked (e.g. the purifier and NIM stages, which have no task)
             return []
         task: Task = pl_module.task
         rows = []

@@ -4,7 +4,9 @@ Every source is decoded once, resized to `image_size` and kept in memory as 8-bi
 (chest X-rays are grayscale; `channels=3` replicates the plane for RGB backbones). Batches are
 dicts ``{"image": (B, C, S, S) float32 in [0, 1], "label": (B,) int64, "index": (B,) int64}``; with
 ``masks=True`` (synthetic and folder sources) they also hold ``"mask": (B, 1, S, S) float32 in {0, 1}``,
-the lung field of each image, pixel-aligned with it through every split, subsampling and augmentation.
+the lung field of each image, pixel-aligned with it through every split, subsampling and augmentation. With a
+`Degradation` (restoration), ``"image"`` is the degraded image and ``"clean"`` (B, C, S, S) float32 in [0, 1] the clean
+one it was degraded from.
 
 Each split is stored in a seeded, class-interleaved order (`interleaved_order`): the first n images of
 any split hold every class in its share of the split, within an image or two. Evaluation subsets are
@@ -14,6 +16,7 @@ any batch size and any number of DDP ranks, whatever order the source lists its 
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -74,6 +77,59 @@ class Augmentation:
 
 
 @dataclass
+class Degradation:
+    """A detector's degradation of a radiograph, the input a restorer learns to undo: clean (H, W) float32 in [0, 1] ->
+    degraded (H, W) float32 in [0, 1].
+
+    In order: a Gaussian point-spread blur, Poisson quantum noise, Gaussian read noise, then clipping to [0, 1].
+
+    Args:
+        blur_sigma: standard deviation of the blur in pixels (0: no blur); edges reflect.
+        photons: the Poisson dose, detected counts per unit intensity: a pixel of intensity v becomes
+            Poisson(photons * v) / photons, so its noise std is sqrt(v / photons) (fewer photons: noisier); None: no
+            Poisson noise.
+        read_noise: standard deviation of the additive Gaussian read noise, in [0, 1] units (0: none).
+    """
+
+    blur_sigma: float = 1.5
+    photons: float | None = 1000.0
+    read_noise: float = 0.005
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.blur_sigma) and self.blur_sigma >= 0):
+            raise ValueError(f"--data.degradation.blur_sigma must be a finite number >= 0 (the blur's standard deviation in "
+                             f"pixels; 0 for no blur), got {self.blur_sigma}.")
+        if self.photons is not None and not (math.isfinite(self.photons) and self.photons > 0):
+            raise ValueError(f"--data.degradation.photons must be a finite number > 0 (Poisson counts per unit intensity; "
+                             f"fewer is noisier), or null for no Poisson noise, got {self.photons}.")
+        if not (math.isfinite(self.read_noise) and self.read_noise >= 0):
+            raise ValueError(f"--data.degradation.read_noise must be a finite number >= 0 (the read noise's standard deviation "
+                             f"in [0, 1] units; 0 for none), got {self.read_noise}.")
+        if self.blur_sigma == 0 and self.photons is None and self.read_noise == 0:
+            raise ValueError("--data.degradation changes nothing (blur_sigma 0, photons null, read_noise 0): set at least one "
+                             "of them, or leave --data.degradation null for clean images.")
+
+    def apply(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The degraded version of `clean` (H, W) float32 in [0, 1], its noise drawn from `rng`."""
+        degraded = clean
+        if self.blur_sigma > 0:
+            degraded = cv2.GaussianBlur(clean, (0, 0), self.blur_sigma, borderType=cv2.BORDER_REFLECT_101)
+        if self.photons is not None:
+            degraded = rng.poisson(degraded.clip(0, None) * self.photons) / self.photons
+        if self.read_noise > 0:
+            degraded = degraded + rng.normal(0.0, self.read_noise, degraded.shape)
+        return degraded.clip(0, 1).astype(np.float32)
+
+
+DEGRADATION_STREAM = 0x5EED_DE6  # keeps the degradation's random streams apart from the other seeded draws of a seed
+
+
+def degradation_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The random stream of the degradation of sample `index` (its position) of `split`, under data seed `seed`."""
+    return np.random.default_rng(np.random.SeedSequence([seed, DEGRADATION_STREAM], spawn_key=(SPLITS.index(split), index)))
+
+
+@dataclass
 class Samples:
     """A split's images (N, S, S) uint8, labels (N,) int64 and, with masks, lung-field masks (N, S, S) uint8 in {0, 1}."""
 
@@ -91,6 +147,11 @@ class GrayscaleImageDataset(Dataset):
 
     ``index`` (the sample's position in its split) keys per-sample random attack starts. With `masks`
     ((N, S, S) uint8 in {0, 1}) items also hold ``"mask": (1, S, S) float32 in {0, 1}``, augmented with the image.
+    With a `degradation`, ``"image"`` is the degraded image and ``"clean"`` (C, S, S) float32 in [0, 1] the clean one:
+    the augmentation moves the clean image first, then the degradation applies, so input and target stay aligned.
+    The degradation's noise is drawn by `degradation_rng(*degradation_key, index)` when `degradation_key`
+    ((data seed, split)) is given, the same at every access; without it, fresh from torch's RNG at each access, like
+    the augmentation (training).
     """
 
     def __init__(
@@ -100,12 +161,16 @@ class GrayscaleImageDataset(Dataset):
         channels: int,
         transform: A.Compose | None = None,
         masks: np.ndarray | None = None,
+        degradation: Degradation | None = None,
+        degradation_key: tuple[int, str] | None = None,
     ):
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.channels = channels
         self.transform = transform
         self.masks = masks
+        self.degradation = degradation
+        self.degradation_key = degradation_key
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -123,7 +188,15 @@ class GrayscaleImageDataset(Dataset):
         item = {"image": image.expand(self.channels, -1, -1), "label": self.labels[index], "index": index}
         if self.masks is not None:
             item["mask"] = _plane_tensor(planes["mask"])
+        if self.degradation is not None:
+            degraded = self.degradation.apply(image[0].numpy(), self._degradation_rng(index))
+            item["clean"], item["image"] = item["image"], _plane_tensor(degraded).expand(self.channels, -1, -1)
         return item
+
+    def _degradation_rng(self, index: int) -> np.random.Generator:
+        if self.degradation_key is not None:
+            return degradation_rng(*self.degradation_key, index)
+        return np.random.default_rng(int(torch.randint(2**62, ())))
 
 
 def _plane_tensor(plane: np.ndarray) -> torch.Tensor:
@@ -205,6 +278,10 @@ class ChestXRayDataModule(L.LightningDataModule):
         masks: batches also hold ``"mask"``, each image's lung field, (B, 1, S, S) float32 in {0, 1}. ``synthetic``
             draws them with the phantoms; ``folder`` reads them from ``images/`` and ``masks/`` subfolders of each
             class folder (or of `root` itself, one class named after it), paired by file stem; ``medmnist`` has none.
+        degradation: restoration data, from any source: ``"image"`` is the image degraded by it (after the training
+            augmentation) and ``"clean"`` (B, C, S, S) float32 in [0, 1] the clean image. Validation and test images
+            are degraded by noise drawn from (`seed`, split, index), the same in every epoch and run; training images
+            draw fresh noise at every epoch, from torch's RNG like the augmentation (so a run's seed fixes them).
     """
 
     def __init__(
@@ -223,12 +300,14 @@ class ChestXRayDataModule(L.LightningDataModule):
         class_ratio: dict[str, float] | None = None,
         balanced_sampling: bool = False,
         masks: bool = False,
+        degradation: Degradation | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model logs the resolved names
         _check_options(source, root, image_size, channels, split, masks)
         self.root = Path(root) if root is not None else None
         self.augmentation = augmentation if augmentation is not None else Augmentation()
+        self.degradation = degradation  # under LightningCLI, hparams hold the config's dict rather than the dataclass
         discovered = self._discover_class_names()
         if class_names is not None and len(class_names) != len(discovered):
             raise ValueError(
@@ -274,8 +353,12 @@ class ChestXRayDataModule(L.LightningDataModule):
         for name, samples in splits.items():
             samples = self._apply_class_ratio(name, samples)
             samples = samples[interleaved_order(samples.labels, hp.seed)]
-            transform = self.augmentation.build() if name == "train" else None
-            self.datasets[name] = GrayscaleImageDataset(samples.images, samples.labels, hp.channels, transform, samples.masks)
+            training = name == "train"
+            transform = self.augmentation.build() if training else None
+            self.datasets[name] = GrayscaleImageDataset(
+                samples.images, samples.labels, hp.channels, transform, samples.masks,
+                self.degradation, degradation_key=None if training else (hp.seed, name),
+            )
 
     def _apply_class_ratio(self, split: str, samples: Samples) -> Samples:
         """Keeps round(ratio * n) seeded images of each class of `class_ratio`, n the largest unnamed class's size."""

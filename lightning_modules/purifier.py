@@ -6,15 +6,14 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_modules.optimization import adamw_warmup_cosine
+from lightning_modules.stage import ExportingDenoiserStage
 from robust_cxr.purification import PurificationMethod, Purifier, load_unet
 
 DEFAULT_UNET = dict(
@@ -27,7 +26,7 @@ DEFAULT_UNET = dict(
 )
 
 
-class DiffusionPurifier(L.LightningModule):
+class DiffusionPurifier(ExportingDenoiserStage):
     """An epsilon-predicting DDPM on images in [0, 1] (mapped to [-1, 1] inside), with EMA weights.
 
     Training draws t uniformly from 1..`max_train_timestep` and regresses the noise of
@@ -120,38 +119,25 @@ class DiffusionPurifier(L.LightningModule):
         decay = min(self.hparams.ema_decay, (1 + updates) / (10 + updates))
         torch._foreach_lerp_(list(self.ema_unet.parameters()), list(self.unet.parameters()), 1 - decay)
 
-    def _evaluation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, metrics: torch.nn.ModuleDict, stage: str) -> None:
-        images = batch["image"]
-        # Fixed noise per batch index, so that epochs compare on equal terms.
-        generator = torch.Generator(images.device).manual_seed(batch_idx)
+    def update_evaluation_metrics(self, images: torch.Tensor, generator: torch.Generator, metrics: torch.nn.ModuleDict) -> None:
         metrics["denoising_loss"].update(self.denoising_loss(self.ema_unet, images, generator), weight=len(images))
         purified = self.purifier()(images, generator=generator)
         abar = self.alphas_cumprod[self.hparams.t_star]
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         noisy = (abar.sqrt() * (2 * images - 1) + (1 - abar).sqrt() * noise + 1) / 2
-        metrics["psnr"].update(_psnr(purified, images))
-        metrics["psnr_noisy"].update(_psnr(noisy.clamp(0, 1), images))
-        for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric, prog_bar=name != "psnr_noisy")
+        metrics["psnr"].update(psnr(purified, images))
+        metrics["psnr_noisy"].update(psnr(noisy.clamp(0, 1), images))
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluation_step(batch, batch_idx, self.val_metrics, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluation_step(batch, batch_idx, self.test_metrics, "test")
-
-    def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
-            directory = Path(self.trainer.default_root_dir) / self.hparams.export_dir
-            self.purifier().save_pretrained(directory)
-            rank_zero_info(f"Exported the EMA purifier to {directory}")
+    def export(self, directory: Path) -> None:
+        """The EMA UNet and the scheduler (diffusers folders ``unet/``, ``scheduler/``)."""
+        self.purifier().save_pretrained(directory)
 
     def configure_optimizers(self):
         hp = self.hparams
         return adamw_warmup_cosine(self, self.unet.parameters(), hp.lr, hp.weight_decay, hp.warmup_epochs)
 
 
-def _psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """PSNR in dB per image (B,) of images (B, C, H, W) in [0, 1] against references of the same shape."""
     return peak_signal_noise_ratio(images, references, data_range=1.0, reduction="none", dim=(1, 2, 3))
 

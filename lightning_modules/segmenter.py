@@ -10,7 +10,7 @@ from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from lightning_modules.optimization import adamw_warmup_cosine
 from lightning_modules.stage import StageModule
-from robust_cxr.models import create_segmenter
+from robust_cxr.models import check_unet_image_size, create_segmenter
 from robust_cxr.tasks import SegmentationTask, segmentation_loss
 from robust_cxr.threat import DefendedModel
 
@@ -55,9 +55,7 @@ class LungSegmenter(StageModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if image_size % 2**encoder_depth:
-            raise ValueError(f"The U-Net halves the image {encoder_depth} times: image_size {image_size} must be a multiple of "
-                             f"{2**encoder_depth}; change --data.image_size or encoder_depth.")
+        check_unet_image_size(image_size, encoder_depth)
         self.model = create_segmenter(encoder_name, in_chans, encoder_depth, decoder_channels)
         self.val_metrics = _dice_and_iou().clone(prefix="val/")
         self.test_metrics = _dice_and_iou().clone(prefix="test/")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 
@@ -23,7 +24,8 @@ class StageModule(L.LightningModule):
         state dict, the optimizer and DDP (it is not a registered submodule), but moved with this module."""
         module.eval().requires_grad_(False)
         self.__dict__[name] = module
-        self._frozen_names.append(name)
+        if name not in self._frozen_names:  # registering a name again replaces its module
+            self._frozen_names.append(name)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -33,6 +35,41 @@ class StageModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+class ExportingDenoiserStage(StageModule):
+    """A stage that trains a denoiser and exports it as a purifier folder (the diffusion purifier, NIM).
+
+    Validation and test noise each batch with noise fixed per batch index (`evaluation_metrics`), so epochs compare on
+    equal terms, and log ``{stage}/<name>`` of ``val_metrics`` / ``test_metrics`` (`MeanMetric`s in a ModuleDict; the
+    ``*_noisy`` ones off the progress bar). At the end of `fit`, rank 0 writes `export` to ``<run dir>/<export_dir>``.
+    """
+
+    def update_evaluation_metrics(self, images: torch.Tensor, generator: torch.Generator, metrics: nn.ModuleDict) -> None:
+        """Updates `metrics` for clean images (B, C, S, S) in [0, 1], drawing all noise from `generator`."""
+        raise NotImplementedError
+
+    def export(self, directory: Path) -> None:
+        """Writes the trained denoiser to `directory`, the folder later stages load as a purifier."""
+        raise NotImplementedError
+
+    def _evaluation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, metrics: nn.ModuleDict, stage: str) -> None:
+        images = batch["image"]
+        self.update_evaluation_metrics(images, torch.Generator(images.device).manual_seed(batch_idx), metrics)
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, prog_bar=not name.endswith("_noisy"))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, self.test_metrics, "test")
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            directory = Path(self.trainer.default_root_dir) / self.hparams.export_dir
+            self.export(directory)
+            rank_zero_info(f"Exported {type(self).__name__}'s denoiser to {directory}")
 
 
 def load_stage_module(checkpoint_path: str | Path, made_by: str) -> StageModule:

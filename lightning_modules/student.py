@@ -13,7 +13,7 @@ from robust_cxr.attacks import LossFn, trades_kl_loss
 from robust_cxr.costs import model_costs, write_model_costs
 from robust_cxr.distillation import ard_loss, check_distillation_settings, kd_loss, rslad_loss
 from robust_cxr.models import create_student_classifier
-from robust_cxr.purification import PurificationMethod, PurifiedClassifier, Purifier
+from robust_cxr.purification import PurifiedClassifier, load_purifier
 from robust_cxr.threat import DefendedModel
 
 
@@ -32,11 +32,12 @@ class DistilledStudent(ImageClassifierModule):
         student_name: ``small_cnn`` (a `SmallCNN`, the default) or any timm model name.
         student_kwargs: ``widths`` for ``small_cnn``; extra timm arguments otherwise.
         teacher_ckpt: checkpoint of a classifier stage (the teacher, or a purify-then-fine-tune run).
-        purifier_dir: the purifier stage's export (a `Purifier.save_pretrained` folder) that defends the teacher:
-            the report and the cost table then add the teacher behind it. None leaves it out.
+        purifier_dir: a purifier export that defends the teacher (the diffusion purifier stage's or the NIM stage's, see
+            `load_purifier`): the report and the cost table then add the teacher behind it. None leaves it out.
         distill_purified: the teacher's soft targets come from purified images, so the student distils the
             defended pipeline (purifier then teacher); needs `purifier_dir`. False distils the teacher alone.
-        purifier_t_star, purifier_method, purifier_steps: the purifier's settings (see `Purifier`).
+        purifier_settings: that purifier's own settings: diffusion ``{t_star, method, steps, eta}`` (see `Purifier`), NIM
+            ``{sigma}`` (see `NIMPurifier`); None: its defaults.
         temperature: softmax temperature T > 0 of the soft targets (``none`` and ``ard``; RSLAD uses 1).
         alpha: weight in [0, 1] of the teacher-matching term (on adversarial images for ard / rslad).
         robust_kd: ``none`` (Hinton KD on the training batch), ``ard`` (Goldblum et al. 2020: student
@@ -56,9 +57,7 @@ class DistilledStudent(ImageClassifierModule):
         teacher_ckpt: str = "runs/teacher/checkpoints/best.ckpt",
         purifier_dir: str | None = "runs/purifier/export",
         distill_purified: bool = False,
-        purifier_t_star: int = 100,
-        purifier_method: PurificationMethod = "ddim",
-        purifier_steps: int = 1,
+        purifier_settings: dict[str, Any] | None = None,
         temperature: float = 4.0,
         alpha: float = 0.9,
         robust_kd: Literal["none", "ard", "rslad"] = "none",
@@ -82,11 +81,7 @@ class DistilledStudent(ImageClassifierModule):
             raise ValueError("distill_purified=True needs purifier_dir, the purifier stage's export (runs/purifier/export).")
         self.register_frozen_teacher(teacher)
         if purifier_dir is not None:
-            self.register_frozen("purifier", Purifier.from_pretrained(purifier_dir, **self._purifier_settings()))
-
-    def _purifier_settings(self) -> dict[str, Any]:
-        hp = self.hparams
-        return dict(t_star=hp.purifier_t_star, method=hp.purifier_method, steps=hp.purifier_steps)
+            self.register_frozen("purifier", load_purifier(purifier_dir, **(purifier_settings or {})))
 
     @property
     def defended_teacher(self) -> PurifiedClassifier:

@@ -1,4 +1,4 @@
-"""Classification and robustness metrics (torchmetrics, synced across DDP ranks)."""
+"""Classification, segmentation and restoration metrics, and robustness counters (torchmetrics, synced across DDP ranks)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.classification import (
     BinaryAccuracy,
@@ -187,21 +188,23 @@ def dice_and_iou(predicted: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Te
     return dice, iou
 
 
-class SegmentationRobustness(Metric):
-    """Per-image Dice and IoU sums for one attack on one segmenter, summed over DDP ranks.
+class PerImageScoreSums(Metric):
+    """Sums of per-image scores for one attack on one model, summed over DDP ranks; the base of the counters of the
+    tasks scored per image (segmentation, restoration).
 
-    `update` takes masks (B, 1, H, W) in {0, 1}, the foreground logits (B, 1, H, W) of the clean and of the attacked
-    images (foreground where > 0), and (B,) perturbation norms. `compute` returns the means over the images:
-    ``clean_dice``, ``clean_iou``, ``dice``, ``iou`` (attacked), ``perturbation``; and ``total``.
+    `update` takes the targets (B, ...), the outputs (B, ...) of the clean and of the attacked images and (B,)
+    perturbation norms; `scores` turns them into one (B,) tensor per name of `SCORES` (``clean_<metric>`` and
+    ``<metric>``, attacked). `compute` returns the mean of each over the images, ``perturbation`` (mean norm) and
+    ``total``.
 
-    Dice and IoU are summed as int64 multiples of ``1 / SCORE_UNIT`` (each image's value rounded by < 1e-12): an
-    exact sum, the same whatever the order of images and ranks, so N-process DDP reports the same means as one
-    process (a float sum differs in the last bit). Up to 2**23 images.
+    Scores are summed as int64 multiples of ``1 / SCORE_UNIT`` (each image's value rounded by less than
+    1 / SCORE_UNIT): an exact sum, the same whatever the order of images and ranks, so N-process DDP reports the same
+    means as one process (a float sum differs in the last bit).
     """
 
     full_state_update = False
-    SCORES = ("clean_dice", "clean_iou", "dice", "iou")
-    SCORE_UNIT = 2**40
+    SCORES: tuple[str, ...] = ()
+    SCORE_UNIT: int = 2**40
 
     def __init__(self) -> None:
         super().__init__()
@@ -210,19 +213,66 @@ class SegmentationRobustness(Metric):
         self.add_state("perturbation", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, masks: torch.Tensor, clean_logits: torch.Tensor, adversarial_logits: torch.Tensor, perturbation: torch.Tensor) -> None:
-        masks = masks > 0.5
-        clean_dice, clean_iou = dice_and_iou(clean_logits > 0, masks)
-        dice, iou = dice_and_iou(adversarial_logits > 0, masks)
-        for name, values in zip(self.SCORES, (clean_dice, clean_iou, dice, iou)):
-            setattr(self, name, getattr(self, name) + (values * self.SCORE_UNIT).round().long().sum())
+    def scores(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One (B,) tensor of per-image values per name of `SCORES`, in that order."""
+        raise NotImplementedError
+
+    def update(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor, perturbation: torch.Tensor) -> None:
+        for name, values in zip(self.SCORES, self.scores(targets, clean_outputs, adversarial_outputs)):
+            setattr(self, name, getattr(self, name) + (values.double() * self.SCORE_UNIT).round().long().sum())
         self.perturbation = self.perturbation + perturbation.double().sum()
-        self.total += len(masks)
+        self.total += len(targets)
 
     def compute(self) -> dict[str, torch.Tensor]:
         count = self.total.clamp_min(1)
         scores = {name: getattr(self, name).double() / self.SCORE_UNIT / count for name in self.SCORES}
         return {**scores, "perturbation": self.perturbation / count, "total": self.total}
+
+
+class SegmentationRobustness(PerImageScoreSums):
+    """Per-image Dice and IoU sums for one attack on one segmenter, summed exactly over DDP ranks (`PerImageScoreSums`).
+
+    `update` takes masks (B, 1, H, W) in {0, 1}, the foreground logits (B, 1, H, W) of the clean and of the attacked
+    images (foreground where > 0), and (B,) perturbation norms. `compute` returns the means over the images:
+    ``clean_dice``, ``clean_iou``, ``dice``, ``iou`` (attacked), ``perturbation``; and ``total``. Scores in units of
+    2**-40: up to 2**23 images.
+    """
+
+    SCORES = ("clean_dice", "clean_iou", "dice", "iou")
+    SCORE_UNIT = 2**40
+
+    def scores(self, masks: torch.Tensor, clean_logits: torch.Tensor, adversarial_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        masks = masks > 0.5
+        return (*dice_and_iou(clean_logits > 0, masks), *dice_and_iou(adversarial_logits > 0, masks))
+
+
+PSNR_CEILING = 100.0  # dB: the PSNR of an image equal to its reference (infinite) counts as this
+
+
+def psnr_and_ssim(images: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image PSNR in dB and SSIM (B,) float64 of images (B, C, H, W) in [0, 1] against references of the same
+    shape: torchmetrics' `peak_signal_noise_ratio` and `structural_similarity_index_measure` (data range 1, Gaussian
+    window 11 px, sigma 1.5), PSNR capped at `PSNR_CEILING`."""
+    images, references = images.float(), references.float()
+    psnr = peak_signal_noise_ratio(images, references, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(images, references, data_range=1.0, reduction="none")
+    return psnr.double().clamp(max=PSNR_CEILING), ssim.double()
+
+
+class RestorationRobustness(PerImageScoreSums):
+    """Per-image PSNR and SSIM sums for one attack on one restorer, summed exactly over DDP ranks (`PerImageScoreSums`).
+
+    `update` takes the clean targets (B, C, H, W) in [0, 1], the restorer's outputs (B, C, H, W) in [0, 1] for the
+    clean (degraded) and for the attacked inputs, and (B,) perturbation norms. `compute` returns the means over the
+    images (`psnr_and_ssim`): ``clean_psnr``, ``clean_ssim``, ``psnr``, ``ssim`` (attacked), ``perturbation``; and
+    ``total``. Scores in units of 2**-32 (PSNR up to `PSNR_CEILING` dB): up to 2**24 images.
+    """
+
+    SCORES = ("clean_psnr", "clean_ssim", "psnr", "ssim")
+    SCORE_UNIT = 2**32
+
+    def scores(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (*psnr_and_ssim(clean_outputs, targets), *psnr_and_ssim(adversarial_outputs, targets))
 
 
 class DetectionScores(Metric):

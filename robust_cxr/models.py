@@ -1,5 +1,5 @@
-"""Models as plain `nn.Module`s on images (B, C, H, W) in [0, 1]: classifiers (-> logits (B, K)) and segmenters
-(-> foreground logits (B, 1, H, W))."""
+"""Models as plain `nn.Module`s on images (B, C, H, W) in [0, 1]: classifiers (-> logits (B, K)), segmenters
+(-> foreground logits (B, 1, H, W)) and restorers (-> images (B, C, H, W) in [0, 1])."""
 
 from __future__ import annotations
 
@@ -137,6 +137,13 @@ def create_student_classifier(
     return create_timm_classifier(student_name, num_classes, in_chans, image_size, **student_kwargs)
 
 
+def check_unet_image_size(image_size: int, encoder_depth: int) -> None:
+    """Raises a ValueError naming the fix unless a U-Net of `encoder_depth` stages can take `image_size` px images."""
+    if image_size % 2**encoder_depth:
+        raise ValueError(f"The U-Net halves the image {encoder_depth} times: image_size {image_size} must be a multiple of "
+                         f"{2**encoder_depth}; change --data.image_size or encoder_depth.")
+
+
 def create_segmenter(
     encoder_name: str, in_chans: int, encoder_depth: int = 4, decoder_channels: Sequence[int] = (64, 32, 16, 8), out_chans: int = 1
 ) -> NormalizedModel:
@@ -154,3 +161,35 @@ def create_segmenter(
     unet = smp.Unet(encoder_name, encoder_depth=encoder_depth, encoder_weights=None, decoder_channels=list(decoder_channels),
                     in_channels=in_chans, classes=out_chans)
     return NormalizedModel(unet, [0.5] * in_chans, [0.5] * in_chans)
+
+
+class ResidualRestorer(nn.Module):
+    """Image-to-image restoration: degraded images (B, C, S, S) in [0, 1] -> restored images (B, C, S, S) in [0, 1].
+
+    A U-Net (`create_segmenter`, `feature_channels` output maps) sees the whole image; a full-resolution head of two
+    3x3 convolutions on the input and those maps predicts a correction, added to the input and clamped to [0, 1].
+    The head gives the correction per-pixel detail (noise is per pixel, and the U-Net's finest decoder stage has no
+    full-resolution skip connection); its last convolution starts at zero, so an untrained restorer is the identity.
+
+    Args:
+        in_chans: image channels C.
+        encoder_name, encoder_depth, decoder_channels: the U-Net (see `create_segmenter`); S a multiple of
+            2**encoder_depth.
+        feature_channels: U-Net output maps fed to the head; head_channels: the head's hidden width.
+    """
+
+    def __init__(self, in_chans: int, encoder_name: str = "tu-resnet10t", encoder_depth: int = 3,
+                 decoder_channels: Sequence[int] = (32, 16, 16), feature_channels: int = 16, head_channels: int = 32):
+        super().__init__()
+        self.unet = create_segmenter(encoder_name, in_chans, encoder_depth, decoder_channels, out_chans=feature_channels)
+        self.head = nn.Sequential(
+            nn.Conv2d(in_chans + feature_channels, head_channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(head_channels, in_chans, 3, padding=1),
+        )
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        correction = self.head(torch.cat([2 * images - 1, self.unet(images)], dim=1))
+        return (images + correction).clamp(0, 1)

@@ -1,4 +1,5 @@
-"""Diffusion purification (DiffPure-style) and the purify-then-classify defence, as plain `nn.Module`s.
+"""Diffusion purification (DiffPure-style), the purify-then-classify defence, and `load_purifier` for any exported
+purifier (diffusion or NIM), as plain `nn.Module`s.
 
 Images enter and leave in [0, 1]; the diffusion runs in [-1, 1] in between (GUIDE section 2). A purifier
 diffuses its input to a small timestep t* in closed form, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise,
@@ -9,7 +10,9 @@ UNet is called at timesteps t* down to 1 and the last step lands on its x_0 esti
 
 from __future__ import annotations
 
+import inspect
 import math
+import random
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal, get_args
@@ -21,8 +24,11 @@ from diffusers.utils import is_accelerate_available
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from robust_cxr.nim import NIM_COMMAND, NIMPurifier, read_nim_config
+
 PurificationMethod = Literal["ddpm", "ddim", "blur"]
 Aggregate = Literal["logits", "vote"]
+PURIFIER_COMMAND = "python train.py --config configs/purifier.yaml"  # what writes runs/purifier/export
 
 
 class Purifier(nn.Module):
@@ -43,7 +49,11 @@ class Purifier(nn.Module):
         differentiable: let gradients flow from output to input through every reverse step (white-box
             attacks, EOT), checkpointing each step so activations stay about one step's worth. Otherwise
             the purifier runs under `torch.no_grad()` and returns a detached tensor.
+
+    Its strength, for purify-then-fine-tune's training range, is t* (`strength_name`, `at_strength`, `draw_strength`).
     """
+
+    strength_name = "t_star"
 
     def __init__(
         self,
@@ -87,6 +97,18 @@ class Purifier(nn.Module):
             return f"ddpm@t{self.t_star}"
         noise = f"-eta{self.eta}" if self.eta > 0 else ""
         return f"ddim-{self.steps}{noise}@t{self.t_star}"
+
+    def at_strength(self, strength: float) -> "Purifier":
+        """This purifier at t* = round(`strength`) (DDIM steps capped at t*), not differentiable: what purify-then-fine-tune
+        trains on."""
+        t_star = round(strength)
+        return Purifier(self.unet, self.scheduler, t_star=t_star, method=self.method, steps=max(1, min(self.steps, t_star)),
+                        eta=self.eta, blur_sigma=self.blur_sigma)
+
+    @staticmethod
+    def draw_strength(low: float, high: float) -> int:
+        """A t* drawn uniformly from the integers `low`..`high` (Python's `random`, which Lightning seeds)."""
+        return random.randint(round(low), round(high))
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Purifies (B, C, H, W) images in [0, 1]; `generator` (on the images' device) draws all the noise."""
@@ -171,6 +193,32 @@ class Purifier(nn.Module):
         directory = Path(directory)
         self.unet.save_pretrained(directory / "unet")
         self.scheduler.save_pretrained(directory / "scheduler")
+
+
+def load_purifier(directory: str | Path, differentiable: bool = False, **settings) -> nn.Module:
+    """The purifier exported to `directory`, [0, 1] images (B, C, H, W) -> [0, 1] images (B, C, H, W).
+
+    A diffusion purifier stage's export (``unet/``, ``scheduler/``) gives a `Purifier`, a NIM stage's export
+    (``config.json``, ``model.safetensors``) a `NIMPurifier`. `settings` are that purifier's own: t_star, method, steps,
+    eta, blur_sigma for diffusion; sigma (a number or a noise distribution) for NIM. Both have a strength
+    (`strength_name`: t* or sigma) that `at_strength` sets and `draw_strength` draws from a range.
+    """
+    directory = Path(directory)
+    if (directory / "unet").is_dir():
+        kind = Purifier
+    elif read_nim_config(directory) is not None:
+        kind = NIMPurifier
+    else:
+        raise FileNotFoundError(
+            f"{directory} holds no exported purifier: neither a diffusion purifier (unet/ and scheduler/, written by "
+            f"`{PURIFIER_COMMAND}` to runs/purifier/export) nor a NIM denoiser (config.json and model.safetensors, written by "
+            f"`{NIM_COMMAND}` to runs/nim/export). Point purifier_dir at one of them."
+        )
+    allowed = sorted(set(inspect.signature(kind).parameters) - {"unet", "scheduler", "model", "differentiable"})
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"{unknown} are not settings of the {kind.__name__} in {directory}; it takes {allowed}.")
+    return kind.from_pretrained(directory, differentiable=differentiable, **settings)
 
 
 def load_unet(directory: str | Path) -> UNet2DModel:

@@ -27,7 +27,7 @@ def write_robustness_report(rows: list[dict], directory: str | Path, stem: str =
     columns = [column for column in dict.fromkeys(key for row in rows for key in row) if column not in MARKDOWN_LEFT_OUT]
     lines = [
         "`value`: the row's `metric` under the attack (for `accuracy`: right both clean and after the attack, robust accuracy; "
-        "`dice`, `iou`: the mean over images); `clean_value`, `clean_*`: the same images unattacked; "
+        "`dice`, `iou`, `psnr` (dB), `ssim`: the mean over images); `clean_value`, `clean_*`: the same images unattacked; "
         "`n`: the images a row covers; recall columns per class; `accuracy_after_attack`: right after the attack alone; "
         "`threshold`: the P(class 1) above which a binary model decides class 1 (its operating point); "
         "`detection_rate`: share of attacked images a detector flags (`clean_value`: of clean images), `detection_auroc`: clean "
@@ -62,8 +62,9 @@ def save_example_grid(
     defended: torch.Tensor | None = None,
     tile: int = 128,
 ) -> Path:
-    """A titled grid, one row per image: clean | adversarial (each with what the task draws of its prediction) |
-    perturbation amplified to the eps range | [defense output] | the task's caption (e.g. true and predicted classes).
+    """A titled grid, one row per image: the task's columns (`Task.example_columns`; by default clean | adversarial,
+    each with what the task draws of its prediction) | perturbation amplified to the eps range | [defense output] | the
+    task's caption (e.g. true and predicted classes).
 
     Args:
         clean, adversarial: (N, C, H, W) in [0, 1]; targets (N, ...), and the model's outputs (N, ...) for both.
@@ -72,8 +73,7 @@ def save_example_grid(
     """
     perturbation = (0.5 + 0.5 * (adversarial - clean) / eps).clamp(0, 1)
     columns = [
-        ("clean", task.overlay(clean, clean_outputs)),
-        ("adversarial", task.overlay(adversarial, adversarial_outputs)),
+        *task.example_columns(clean, adversarial, targets, clean_outputs, adversarial_outputs),
         (f"perturbation (+-{eps:g})", perturbation.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)),
     ]
     if defended is not None:

@@ -8,28 +8,30 @@ report use nothing else about the outputs, so they serve every task unchanged:
 - `robustness_counter()`: a DDP-summed torchmetrics `Metric` updated with the targets and the clean and attacked
   outputs of the same images; `logged` and `report_rows` turn its `compute()` into logged metrics and report rows
   (one row per metric, each with ``metric``, ``value`` (under attack) and ``clean_value`` (the same images clean));
-- `overlay` and `caption`: what the example grid draws on an image and writes beside it.
+- `example_columns`, `overlay` and `caption`: the example grid's task columns (by default the clean and attacked
+  images with `overlay` drawing what the model predicts on them) and the text beside each row.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+from torchmetrics.functional.image import structural_similarity_index_measure
 
-from robust_cxr.attacks import GRADIENT_METHODS, AttackSpec, LossFn
-from robust_cxr.metrics import RobustnessCounts, SegmentationRobustness, dice_and_iou, recall_names
+from robust_cxr.attacks import GRADIENT_METHODS, AttackMethod, AttackSpec, LossFn
+from robust_cxr.metrics import RestorationRobustness, RobustnessCounts, SegmentationRobustness, dice_and_iou, psnr_and_ssim, recall_names
 
 
 class Task(ABC):
     """What a stage's model maps [0, 1] images (B, C, H, W) to, and how those outputs are attacked and scored.
 
     Attributes:
-        name: ``classification``, ``segmentation``, ...
-        target_key: the batch entry holding the targets (``label``, ``mask``).
+        name: ``classification``, ``segmentation``, ``restoration``, ...
+        target_key: the batch entry holding the targets (``label``, ``mask``, ``clean``).
         attack_methods: the attack methods that apply; `check_attack` rejects the others.
         targeted_goals: the goals a targeted attack (`AttackSpec.target`) may drive outputs toward.
         attack_loss: the loss attacks ascend, ``loss(outputs, targets)`` summed over the batch; None: each attack
@@ -84,6 +86,13 @@ class Task(ABC):
     def overlay(self, images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) RGB in [0, 1]: images (N, C, H, W) with what the outputs (N, ...) predict drawn on them."""
 
+    def example_columns(self, clean: torch.Tensor, adversarial: torch.Tensor, targets: torch.Tensor, clean_outputs: torch.Tensor,
+                        adversarial_outputs: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The example grid's task columns, (title, (N, 3, H, W) RGB in [0, 1]), from the clean and attacked images
+        (N, C, H, W), the targets and both outputs: by default the clean and the attacked images, each with `overlay`
+        of its outputs. The grid adds the perturbation (and a defense's output) after them."""
+        return [("clean", self.overlay(clean, clean_outputs)), ("adversarial", self.overlay(adversarial, adversarial_outputs))]
+
     @abstractmethod
     def caption(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> list[str]:
         """One text per image for the example grid."""
@@ -104,7 +113,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     target_key = "label"
-    attack_methods = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2", "cw_l2", "apgd_ce", "apgd_dlr", "autoattack")
+    attack_methods = get_args(AttackMethod)
 
     def __init__(self, class_names: list[str]):
         self.class_names = list(class_names)
@@ -207,3 +216,73 @@ class SegmentationTask(Task):
         clean_dice, _ = dice_and_iou(clean_outputs > 0, targets > 0.5)
         attacked_dice, _ = dice_and_iou(adversarial_outputs > 0, targets > 0.5)
         return [f"Dice clean: {clean:.3f}\nDice adversarial: {attacked:.3f}" for clean, attacked in zip(clean_dice.tolist(), attacked_dice.tolist())]
+
+
+def per_image_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared error per image of outputs (B, C, H, W) against targets of the same shape."""
+    return F.mse_loss(outputs.float(), targets.float(), reduction="none").flatten(1).mean(dim=1)
+
+
+def restoration_loss(restored: torch.Tensor, clean: torch.Tensor, pixel_loss: str = "mse", ssim_weight: float = 0.0) -> torch.Tensor:
+    """(B,) per-image training loss of a restorer: the mean absolute (``l1``) or squared (``mse``) pixel error, plus
+    `ssim_weight` * (1 - SSIM).
+
+    Args:
+        restored, clean: (B, C, H, W) in [0, 1].
+    """
+    if pixel_loss == "l1":
+        loss = F.l1_loss(restored.float(), clean.float(), reduction="none").flatten(1).mean(dim=1)
+    elif pixel_loss == "mse":
+        loss = per_image_mse(restored, clean)
+    else:
+        raise ValueError(f"pixel_loss must be l1 or mse, got {pixel_loss!r}.")
+    if ssim_weight:
+        ssim = structural_similarity_index_measure(restored.float(), clean.float(), data_range=1.0, reduction="none")
+        loss = loss + ssim_weight * (1 - ssim)
+    return loss
+
+
+class RestorationTask(Task):
+    """Restored images (B, C, H, W) in [0, 1] against the clean images (B, C, H, W) in [0, 1] (batch ``clean``) that the
+    inputs were degraded from. Attacks ascend `per_image_mse` summed over the images (the gradient-ascent methods only:
+    CW and APGD/AutoAttack optimise classification margins). Scored by per-image PSNR (dB) and SSIM, averaged over
+    the images (`robust_cxr.metrics.psnr_and_ssim`)."""
+
+    name = "restoration"
+    target_key = "clean"
+    attack_methods = GRADIENT_METHODS
+    attack_loss = staticmethod(_summed(per_image_mse))
+
+    def robustness_counter(self) -> Metric:
+        return RestorationRobustness()
+
+    def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"robust_psnr": result["psnr"], "robust_ssim": result["ssim"], "perturbation": result["perturbation"]}
+
+    def report_rows(self, result: dict[str, torch.Tensor], attacked: bool) -> list[dict]:
+        n = int(result["total"])
+        return [
+            dict(n=n, metric=name, value=result[name].item(), clean_value=result[f"clean_{name}"].item(),
+                 perturbation=result["perturbation"].item() if attacked else None)
+            for name in ("psnr", "ssim")
+        ]
+
+    def overlay(self, images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """The restored image (the outputs) as RGB; the input image is not drawn."""
+        return _grayscale_rgb(outputs.clamp(0, 1))
+
+    def example_columns(self, clean: torch.Tensor, adversarial: torch.Tensor, targets: torch.Tensor, clean_outputs: torch.Tensor,
+                        adversarial_outputs: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The degraded input, its attacked version, the restorations of both, and the clean target."""
+        return [
+            ("degraded", _grayscale_rgb(clean)),
+            ("adversarial", _grayscale_rgb(adversarial)),
+            ("restored", self.overlay(clean, clean_outputs)),
+            ("restored adv.", self.overlay(adversarial, adversarial_outputs)),
+            ("clean target", _grayscale_rgb(targets)),
+        ]
+
+    def caption(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> list[str]:
+        clean_psnr, _ = psnr_and_ssim(clean_outputs, targets)
+        attacked_psnr, _ = psnr_and_ssim(adversarial_outputs, targets)
+        return [f"PSNR clean: {clean:.2f} dB\nPSNR adversarial: {attacked:.2f} dB" for clean, attacked in zip(clean_psnr.tolist(), attacked_psnr.tolist())]

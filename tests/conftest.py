@@ -122,6 +122,6 @@ def tiny_stage_checkpoints(tmp_path_factory) -> dict[str, Path]:
     fit_and_save("teacher", TeacherClassifier(model_kwargs=TINY_VIT, **common))
     fit_and_save("student", DistilledStudent(teacher_ckpt=str(paths["teacher"]), purifier_dir=None, alpha=0.0, lr=3e-3, **common),
                  max_epochs=8)
-    fit_and_save("purify_finetune", PurifyThenFinetune(teacher_ckpt=str(paths["teacher"]), purifier_dir=str(purifier_dir), t_star=20,
-                                                       steps=2, train_t_star_range=(10, 20), **common))
+    fit_and_save("purify_finetune", PurifyThenFinetune(teacher_ckpt=str(paths["teacher"]), purifier_dir=str(purifier_dir),
+                                                       purifier_settings=dict(t_star=20, steps=2), train_strength_range=(10, 20), **common))
     return paths

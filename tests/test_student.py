@@ -202,7 +202,7 @@ def _save_tiny_purifier(directory):
 @pytest.mark.parametrize("distill_purified", [False, True])
 def test_the_teacher_behind_the_purifier_is_evaluated_gray_box_and_optionally_distilled(teacher_ckpt, tmp_path, distill_purified):
     purifier_dir = str(_save_tiny_purifier(tmp_path / "purifier"))
-    student = _student(teacher_ckpt, purifier_dir=purifier_dir, distill_purified=distill_purified, purifier_t_star=20, purifier_steps=2)
+    student = _student(teacher_ckpt, purifier_dir=purifier_dir, distill_purified=distill_purified, purifier_settings=dict(t_star=20, steps=2))
     assert student.purifier.label == "ddim-2@t20" and not student.purifier.differentiable
     assert all(not key.startswith(("teacher", "purifier")) for key in student.state_dict())
     subjects = {subject.key: subject for subject in student.robustness_subjects()}
