@@ -146,6 +146,7 @@ def plot(results: dict, path: Path) -> None:
                               fontsize=7, color=points.get_color())
         if x_metric == "ms_per_image":
             axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels of a narrow log range overlap
             axis.set_xlabel(f"ms per image (defense + teacher, batch {results['batch_size']}, {results['device_short']})")
         else:
             axis.set_xlabel("clean accuracy on the white-box images")
