@@ -213,12 +213,7 @@ def load_classifier_module(
 
     When given, `num_classes` and `class_names` (the data's) must match the classes the module was trained on.
     """
-    module = load_stage_module(checkpoint_path, made_by)
-    if not isinstance(module, ImageClassifierModule):
-        raise ValueError(
-            f"{checkpoint_path} holds a {type(module).__name__} stage, not a classifier; "
-            f"pass a classifier stage's checkpoint (made with `{made_by}`)."
-        )
+    module = load_stage_module(checkpoint_path, made_by, ImageClassifierModule, "classifier")
     trained_names, trained_count = module.hparams.get("class_names"), module.hparams.num_classes
     if (num_classes is not None and trained_count != num_classes) or (class_names and trained_names and list(trained_names) != list(class_names)):
         raise ValueError(

@@ -1,41 +1,111 @@
-"""Stage 2b: purify-then-fine-tune, the classifier fine-tuned behind a frozen purifier (diffusion or NIM)."""
+"""Stage 2b: purify-then-fine-tune, a trained stage's model fine-tuned behind a frozen purifier (diffusion or NIM).
+
+One mechanism, `FinetunedBehindPurifier`, for any stage whose network is ``self.model`` and whose `training_loss`,
+`deployed_model` and `task` say the rest: the classifier (`PurifyThenFinetune`) and the restorer
+(`PurifyThenFinetuneRestorer`) are that mechanism in front of their own stage class.
+"""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier_module
-from robust_cxr.purification import PurifiedClassifier, load_purifier
+from lightning_modules.restorer import NETWORK_ARGUMENTS, RESTORER_COMMAND, Restorer
+from lightning_modules.stage import StageModule, load_stage_module
+from robust_cxr.purification import PurifiedModel, load_purifier
 from robust_cxr.threat import DefendedModel
 
 LEGACY_DIFFUSION_SETTINGS = ("t_star", "method", "steps", "eta")  # arguments of their own in checkpoints before issue 16
+PURIFIED_KEYS = ("image", "adversarial_image")  # the batch entries a training step purifies: the model's inputs
 
 
-class PurifyThenFinetune(ImageClassifierModule):
-    """Fine-tunes a trained classifier on purified clean and purified adversarial images (the UDC and De^3 recipe).
+class FinetunedBehindPurifier:
+    """Fine-tunes a trained stage's model behind a frozen purifier (the UDC and De^3 recipe); put it before the stage
+    class in the bases, e.g. ``class PurifyThenFinetuneRestorer(FinetunedBehindPurifier, Restorer)``.
 
-    The teacher checkpoint gives the starting classifier; the purifier folder stays frozen in front of it: the export
-    of the diffusion purifier stage or of the NIM stage, whichever `load_purifier` finds there. The adversarial
-    callback replaces part of each training batch by attacks crafted against the current classifier (``adversarial:``
-    section); every training image is then purified at a strength drawn per batch from `train_strength_range` (t* for
-    diffusion, sigma for NIM), so the classifier learns the whole range of purification outputs. Validation, test and
-    `forward` run the deployed pipeline: the purifier as `purifier_settings` say, then the fine-tuned classifier, images
-    (B, C, H, W) in [0, 1] -> logits (B, K).
+    The stage's ``__init__`` loads the stage to start from and calls `start_behind_purifier`: ``self.model`` becomes a
+    trainable copy of the start's, the start's deployed model stays frozen as the report's baseline
+    (``self.start_model``), and the purifier export stays frozen in front (``self.purifier``): the diffusion purifier
+    stage's or the NIM stage's, whichever `load_purifier` finds there. The adversarial callback replaces part of each
+    training batch by attacks crafted against the current model (`adversarial_training_source`, the model alone);
+    every training input (`PURIFIED_KEYS`) is then purified at a strength drawn per batch from
+    `train_strength_range` (t* for diffusion, sigma for NIM) before the stage's own `training_loss`, so the model
+    learns the whole range of purification outputs. Validation, test and `forward` run the deployed pipeline: the
+    purifier as `purifier_settings` say, then the fine-tuned model, averaged over `n_repeats` purifications, [0, 1]
+    images (B, C, H, W) -> the stage's outputs (logits, restored images, ...).
 
-    Args:
-        teacher_ckpt: checkpoint of the classifier stage to start from.
+    Hyperparameters it reads (the stage's arguments):
         purifier_dir: a purifier export: ``runs/purifier/export`` (diffusion: ``unet/``, ``scheduler/``) or
             ``runs/nim/export`` (NIM: ``config.json``, ``model.safetensors``).
         purifier_settings: the deployed purification, that purifier's own settings: diffusion ``{t_star, method, steps,
             eta}`` (see `Purifier`), NIM ``{sigma}`` (a number or a noise distribution, see `NIMPurifier`); None: its defaults.
-        n_repeats: purifications per image whose logits are averaged at deployment.
+        n_repeats: purifications per image whose outputs are averaged at deployment.
         train_strength_range: inclusive [low, high] range of the purifier's strength for training batches: t* for
-            diffusion (integers, e.g. [50, 150]), sigma in [0, 1] pixel units for NIM (De^3: [0, 0.1176], i.e. 0..30/255);
+            diffusion (integers, e.g. [50, 100]), sigma in [0, 1] pixel units for NIM (De^3: [0, 0.1176], i.e. 0..30/255);
             None trains at the deployed strength.
+    """
+
+    def start_behind_purifier(self, start: StageModule) -> None:
+        """Copies `start`'s model to train, keeps `start`'s deployed model as the baseline, loads the purifier."""
+        self.register_purifier(self.hparams.purifier_settings)
+        strength_range = self.hparams.train_strength_range
+        if strength_range is not None:
+            low, high = strength_range
+            if not 0 <= low <= high:
+                raise ValueError(f"train_strength_range must be [low, high] with 0 <= low <= high ({self.purifier.strength_name}), got {strength_range}.")
+            for strength in (low, high):  # a strength the purifier cannot take fails here, not mid-training
+                self.purifier.at_strength(strength)
+        self.model = copy.deepcopy(start.model).train().requires_grad_(True)
+        baseline = start.deployed_model()
+        self.register_frozen("start_model", baseline.undefended)
+        self.start_name, self.start_threshold = baseline.model, baseline.decision_threshold
+
+    def register_purifier(self, settings: dict[str, Any] | None) -> None:
+        """Makes the export in `purifier_dir` with `settings`, differentiable (for white-box attacks), ``self.purifier``."""
+        self.register_frozen("purifier", load_purifier(self.hparams.purifier_dir, differentiable=True, **(settings or {})))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The purifier then the fine-tuned model (before any operating point): [0, 1] images (B, C, H, W) -> outputs (B, ...)."""
+        return PurifiedModel(self.purifier, self.model, self.hparams.n_repeats)(images)
+
+    def training_loss(self, batch: dict[str, torch.Tensor]):
+        """The stage's training loss on the batch with its inputs purified at a strength drawn from `train_strength_range`."""
+        purifier = self.training_purifier()
+        return super().training_loss({key: purifier(value) if key in PURIFIED_KEYS else value for key, value in batch.items()})
+
+    def training_purifier(self) -> nn.Module:
+        """The purifier at a strength drawn from `train_strength_range` (not differentiable), or the deployed one."""
+        strength_range = self.hparams.train_strength_range
+        if strength_range is None:
+            return self.purifier
+        return self.purifier.at_strength(self.purifier.draw_strength(*strength_range))
+
+    def behind_purifier(self, alone: DefendedModel) -> DefendedModel:
+        """`alone` (a model without a defense) deployed behind the purifier; gray-box attacks follow `alone.undefended`."""
+        pipeline = PurifiedModel(self.purifier, alone.undefended, self.hparams.n_repeats)
+        return replace(alone, defense=f"purifier/{self.purifier.label}", pipeline=pipeline, defense_module=self.purifier)
+
+    def deployed_model(self) -> DefendedModel:
+        """The purifier then the fine-tuned model, and the fine-tuned model alone (the stage's own deployed model)."""
+        return self.behind_purifier(super().deployed_model())
+
+    def robustness_subjects(self) -> list[DefendedModel]:
+        """The starting model alone, the starting model behind the purifier, and the fine-tuned model behind it."""
+        start = DefendedModel(self.start_name, "none", self.start_model, self.start_model, decision_threshold=self.start_threshold)
+        return [start, self.behind_purifier(start), self.deployed_model()]
+
+
+class PurifyThenFinetune(FinetunedBehindPurifier, ImageClassifierModule):
+    """The teacher classifier fine-tuned on purified clean and purified adversarial images (`FinetunedBehindPurifier`).
+
+    Args:
+        teacher_ckpt: checkpoint of the classifier stage to start from (its operating point too).
+        purifier_dir, purifier_settings, n_repeats, train_strength_range: see `FinetunedBehindPurifier`.
         Other arguments: see `ImageClassifierModule`; `in_chans` and `image_size` must match the teacher.
     """
 
@@ -62,17 +132,8 @@ class PurifyThenFinetune(ImageClassifierModule):
         super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights, target_sensitivity)
         self.save_hyperparameters()
         teacher = load_classifier_module(teacher_ckpt, TEACHER_COMMAND, num_classes, class_names)
-        purifier = load_purifier(purifier_dir, differentiable=True, **(purifier_settings or {}))
-        if train_strength_range is not None:
-            low, high = train_strength_range
-            if not 0 <= low <= high:
-                raise ValueError(f"train_strength_range must be [low, high] with 0 <= low <= high ({purifier.strength_name}), got {train_strength_range}.")
-            for strength in (low, high):  # a strength the purifier cannot take fails here, not mid-training
-                purifier.at_strength(strength)
-        self.model = copy.deepcopy(teacher.model).train().requires_grad_(True)
+        self.start_behind_purifier(teacher)
         self.operating_point.offset.copy_(teacher.operating_point.offset)  # starts at the teacher's; target_sensitivity re-chooses it
-        self.register_frozen_teacher(teacher)
-        self.register_frozen("purifier", purifier)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -80,38 +141,46 @@ class PurifyThenFinetune(ImageClassifierModule):
         legacy = {name: saved[name] for name in LEGACY_DIFFUSION_SETTINGS if name in saved}
         if legacy:  # Lightning drops the old arguments: deploy the diffusion purifier as that checkpoint was tested
             self.hparams.purifier_settings = legacy
-            self.register_frozen("purifier", load_purifier(self.hparams.purifier_dir, differentiable=True, **legacy))
+            self.register_purifier(legacy)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The purifier then the fine-tuned classifier, before the operating point."""
-        return PurifiedClassifier(self.purifier, self.model, self.hparams.n_repeats)(images)
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The classifier's loss on the batch purified at a strength drawn from `train_strength_range`."""
-        purifier = self._training_purifier()
-        purified = {key: purifier(value) if key in ("image", "adversarial_image") else value for key, value in batch.items()}
-        return super().training_loss(purified)
+class PurifyThenFinetuneRestorer(FinetunedBehindPurifier, Restorer):
+    """The restorer fine-tuned on purified degraded and purified adversarial inputs (Song et al.'s UDC recipe,
+    `FinetunedBehindPurifier`), with the pixel loss against the clean targets; the purifier is trained on the degraded
+    inputs (configs/purifier_restore.yaml).
 
-    def _training_purifier(self) -> nn.Module:
-        strength_range = self.hparams.train_strength_range
-        if strength_range is None:
-            return self.purifier
-        return self.purifier.at_strength(self.purifier.draw_strength(*strength_range))
+    Args:
+        restorer_ckpt: checkpoint of the restorer stage to start from (its network settings too).
+        purifier_dir, purifier_settings, n_repeats, train_strength_range: see `FinetunedBehindPurifier`; Song et al.
+            fine-tune at 50..100 diffusion steps.
+        Other arguments: see `Restorer`; `in_chans` must match the restorer.
+    """
 
-    def deployed_model(self) -> DefendedModel:
-        """The purifier then the fine-tuned classifier, and the fine-tuned classifier alone, both at the operating point."""
-        classifier = self.decision_classifier()
-        pipeline = PurifiedClassifier(self.purifier, classifier, self.hparams.n_repeats)
-        return DefendedModel(self.report_name, f"purifier/{self.purifier.label}", classifier, pipeline, defense_module=self.purifier,
-                             decision_threshold=self.operating_point.probability_threshold)
+    report_name = "restorer_finetuned"
 
-    def robustness_subjects(self) -> list[DefendedModel]:
-        """The classifier alone, the classifier behind the purifier, and the fine-tuned classifier behind it."""
-        deployed = self.deployed_model()
-        defended_teacher = PurifiedClassifier(self.purifier, self.teacher, self.hparams.n_repeats)
-        return [
-            DefendedModel("teacher", "none", self.teacher, self.teacher, decision_threshold=self.teacher_threshold),
-            DefendedModel("teacher", deployed.defense, self.teacher, defended_teacher, defense_module=self.purifier,
-                          decision_threshold=self.teacher_threshold),
-            deployed,
-        ]
+    def __init__(
+        self,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        in_chans: int = 1,
+        image_size: int = 64,
+        restorer_ckpt: str = "runs/restorer/checkpoints/best.ckpt",
+        purifier_dir: str = "runs/purifier_restore/export",
+        purifier_settings: dict[str, Any] | None = None,
+        n_repeats: int = 1,
+        train_strength_range: tuple[float, float] | None = (50, 100),
+        pixel_loss: Literal["mse", "l1"] = "mse",
+        ssim_weight: float = 0.0,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 0.2,
+    ):
+        restorer = load_stage_module(restorer_ckpt, RESTORER_COMMAND, Restorer, "restorer")
+        if restorer.hparams.in_chans != in_chans:
+            raise ValueError(f"The restorer in {restorer_ckpt} takes {restorer.hparams.in_chans} channels but the data have {in_chans}; "
+                             f"set --data.channels {restorer.hparams.in_chans} or pass a restorer trained on this data.")
+        network = {name: restorer.hparams[name] for name in NETWORK_ARGUMENTS}
+        super().__init__(num_classes, class_names, in_chans, image_size, **network, pixel_loss=pixel_loss, ssim_weight=ssim_weight,
+                         lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
+        self.save_hyperparameters()
+        self.start_behind_purifier(restorer)

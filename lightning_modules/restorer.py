@@ -14,6 +14,9 @@ from robust_cxr.models import ResidualRestorer, check_unet_image_size
 from robust_cxr.tasks import RestorationTask, restoration_loss
 from robust_cxr.threat import DefendedModel
 
+RESTORER_COMMAND = "python train.py --config configs/restore.yaml"  # what writes runs/restorer/checkpoints/best.ckpt
+NETWORK_ARGUMENTS = ("encoder_name", "encoder_depth", "decoder_channels", "feature_channels", "head_channels")  # the ResidualRestorer
+
 
 def _psnr_and_ssim() -> MetricCollection:
     """Per-image PSNR (dB) and SSIM averaged over images, updated with images and references (B, C, H, W) in [0, 1]."""
@@ -84,6 +87,7 @@ class Restorer(StageModule):
                              "--data.degradation '{blur_sigma: 1.5, photons: 1000, read_noise: 0.005}' (configs/restore.yaml sets it).")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The stage's pipeline, what validation and test score: degraded (B, C, S, S) -> restored (B, C, S, S), in [0, 1]."""
         return self.model(images)
 
     def deployed_model(self) -> DefendedModel:
@@ -99,14 +103,19 @@ class Restorer(StageModule):
     def _loss(self, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         return restoration_loss(restored, clean, self.hparams.pixel_loss, self.hparams.ssim_weight).mean()
 
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pixel loss of the restorer on ``batch["image"]`` against ``batch["clean"]`` (adversarial training replaces
+        part of ``image`` by attacks: the targets stay the clean images)."""
+        return self._loss(self.model(batch["image"]), batch["clean"])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self.model(batch["image"]), batch["clean"])
+        loss = self.training_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection, degraded_metrics: MetricCollection) -> None:
         degraded, clean = batch["image"], batch["clean"]
-        restored = self.model(degraded)
+        restored = self(degraded)
         self.log(f"{stage}/loss", self._loss(restored, clean), sync_dist=True, batch_size=len(restored))
         metrics.update(restored, clean)
         degraded_metrics.update(degraded, clean)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from pathlib import Path
 
@@ -72,11 +73,12 @@ class ExportingDenoiserStage(StageModule):
             rank_zero_info(f"Exported {type(self).__name__}'s denoiser to {directory}")
 
 
-def load_stage_module(checkpoint_path: str | Path, made_by: str) -> StageModule:
+def load_stage_module(checkpoint_path: str | Path, made_by: str, kind: type[StageModule] = StageModule, kind_name: str = "robust-cxr") -> StageModule:
     """The stage module saved in `checkpoint_path`, on the CPU, frozen, in eval mode.
 
     `checkpoint_path` is a checkpoint file or a run directory, whose `checkpoints/best.ckpt` is read. `made_by` is the
-    command that writes such a checkpoint, quoted in the error when the file is missing.
+    command that writes such a checkpoint, quoted in the errors when the file is missing or holds a stage that is no
+    `kind` (called `kind_name` in that error).
     """
     path = Path(checkpoint_path)
     if path.is_dir():
@@ -88,5 +90,10 @@ def load_stage_module(checkpoint_path: str | Path, made_by: str) -> StageModule:
         raise ValueError(f"{path} was not written by a robust-cxr stage (it has no 'module_class' entry).")
     module_path, class_name = checkpoint["module_class"].rsplit(".", 1)
     module_class = getattr(importlib.import_module(module_path), class_name)
-    module = module_class.load_from_checkpoint(path, map_location="cpu", weights_only=False)  # our own files, with hyperparameter objects
+    if not issubclass(module_class, kind):
+        raise ValueError(f"{checkpoint_path} holds a {class_name} stage, not a {kind_name} stage; pass a {kind_name} stage's checkpoint "
+                         f"(made with `{made_by}`).")
+    # In a fresh context: inside a stage that LightningCLI instantiates, `save_hyperparameters` would otherwise take that
+    # stage's config as the loaded module's hparams. weights_only=False: our own files, with hyperparameter objects.
+    module = contextvars.Context().run(module_class.load_from_checkpoint, path, map_location="cpu", weights_only=False)
     return module.eval().requires_grad_(False)

@@ -1,5 +1,5 @@
-"""Diffusion purification (DiffPure-style), the purify-then-classify defence, and `load_purifier` for any exported
-purifier (diffusion or NIM), as plain `nn.Module`s.
+"""Diffusion purification (DiffPure-style), any model behind a purifier (the purify-then-classify defence), and
+`load_purifier` for any exported purifier (diffusion or NIM), as plain `nn.Module`s.
 
 Images enter and leave in [0, 1]; the diffusion runs in [-1, 1] in between (GUIDE section 2). A purifier
 diffuses its input to a small timestep t* in closed form, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise,
@@ -243,32 +243,46 @@ def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
-class PurifiedClassifier(nn.Module):
-    """The defended model, purifier then classifier: images (B, C, H, W) in [0, 1] -> logits (B, K).
+class PurifiedModel(nn.Module):
+    """A model behind a purifier: images (B, C, H, W) in [0, 1] -> the model's outputs (B, ...) (logits, restored images,
+    ...), averaged over `n_repeats` purifications of each image, which run as one batch of B * n_repeats."""
 
-    The `n_repeats` purifications of each image run as one batch of B * n_repeats. ``aggregate="logits"``
-    returns the mean of their logits. ``aggregate="vote"`` returns each class's share of the votes (argmax
-    of each repeat's logits), in [0, 1] and summing to 1 per image: not logits, but their argmax is the
-    majority class (ties go to the lowest class index) and their order ranks classes by votes, so accuracy
-    and AUROC read them like logits. A vote has no gradient; to keep it from masking white-box attacks, the
-    backward pass is that of the mean softmax probabilities (straight-through), the forward value is
-    exactly the vote shares.
-    """
-
-    def __init__(self, purifier: nn.Module, classifier: nn.Module, n_repeats: int = 1, aggregate: Aggregate = "logits"):
+    def __init__(self, purifier: nn.Module, model: nn.Module, n_repeats: int = 1):
         super().__init__()
         if n_repeats < 1:
             raise ValueError(f"n_repeats must be >= 1, got {n_repeats}.")
+        self.purifier = purifier
+        self.model = model
+        self.n_repeats = n_repeats
+
+    def repeated_outputs(self, images: torch.Tensor) -> torch.Tensor:
+        """(n_repeats, B, ...): the model's outputs for each purification of each image."""
+        outputs = self.model(self.purifier(images.repeat(self.n_repeats, 1, 1, 1)))
+        return outputs.view(self.n_repeats, images.shape[0], *outputs.shape[1:])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.repeated_outputs(images).mean(dim=0)
+
+
+class PurifiedClassifier(PurifiedModel):
+    """The defended classifier, purifier then classifier: images (B, C, H, W) in [0, 1] -> logits (B, K).
+
+    ``aggregate="logits"`` returns the mean of the `n_repeats` purifications' logits. ``aggregate="vote"`` returns each
+    class's share of the votes (argmax of each repeat's logits), in [0, 1] and summing to 1 per image: not logits, but
+    their argmax is the majority class (ties go to the lowest class index) and their order ranks classes by votes, so
+    accuracy and AUROC read them like logits. A vote has no gradient; to keep it from masking white-box attacks, the
+    backward pass is that of the mean softmax probabilities (straight-through), the forward value is exactly the vote
+    shares.
+    """
+
+    def __init__(self, purifier: nn.Module, classifier: nn.Module, n_repeats: int = 1, aggregate: Aggregate = "logits"):
+        super().__init__(purifier, classifier, n_repeats)
         if aggregate not in get_args(Aggregate):
             raise ValueError(f"aggregate must be one of {get_args(Aggregate)}, got {aggregate!r}.")
-        self.purifier = purifier
-        self.classifier = classifier
-        self.n_repeats = n_repeats
         self.aggregate = aggregate
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(self.purifier(images.repeat(self.n_repeats, 1, 1, 1)))
-        logits = logits.view(self.n_repeats, images.shape[0], -1)
+        logits = self.repeated_outputs(images)
         if self.aggregate == "logits":
             return logits.mean(dim=0)
         shares = F.one_hot(logits.argmax(dim=2), logits.shape[2]).to(logits.dtype).mean(dim=0)

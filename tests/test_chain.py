@@ -147,12 +147,12 @@ def test_purify_finetune_keeps_teacher_and_purifier_frozen_and_out_of_the_checkp
         num_classes=2, image_size=32, teacher_ckpt=str(runs / "teacher" / "checkpoints" / "best.ckpt"),
         purifier_dir=str(runs / "purifier" / "export"),
     )
-    for parameter, teacher_parameter in zip(module.model.parameters(), module.teacher.parameters(), strict=True):
+    for parameter, teacher_parameter in zip(module.model.parameters(), module.start_model.parameters(), strict=True):
         assert torch.equal(parameter, teacher_parameter)
     assert all(key.startswith(("model.", "operating_point.", "train_acc", "val_metrics", "test_metrics")) for key in module.state_dict())
-    assert not any(p.requires_grad for p in [*module.teacher.parameters(), *module.purifier.parameters()])
+    assert not any(p.requires_grad for p in [*module.start_model.parameters(), *module.purifier.parameters()])
     module.train()
-    assert not module.teacher.training and not module.purifier.unet.training
+    assert not module.start_model.training and not module.purifier.unet.training
     batch = {"image": torch.rand(4, 1, 32, 32), "label": torch.tensor([0, 1, 0, 1])}
     loss, _ = module.training_loss(batch)
     loss.backward()
