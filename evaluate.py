@@ -114,12 +114,11 @@ def run_defaults(checkpoint: Path, config: dict | None) -> dict:
     return {"data": config["data"], **{f"trainer.{key}": value for key, value in trainer.items()}}
 
 
-def suite_of(options) -> tuple[str, list[AttackSpec]]:
-    """The suite's name (its file's stem, or ``custom``) and its attacks, `--attacks` last."""
-    attacks = (load_suite(options.suite) if options.suite else []) + list(options.attacks or [])
-    if not attacks:
+def suite_name(suite: str | None, attacks: list | None) -> str:
+    """The name of the suite: its file's stem, or ``custom`` for `--attacks` alone."""
+    if not suite and not attacks:
         raise ValueError("No attacks to run: give --suite (e.g. configs/eval/strong.yaml) or --attacks.")
-    return (Path(options.suite).stem if options.suite else "custom"), attacks
+    return Path(suite).stem if suite else "custom"
 
 
 def check_data_fits(stage: StageModule, data: ChestXRayDataModule, checkpoint: Path) -> None:
@@ -148,9 +147,10 @@ def main(args: list[str] | None = None) -> list[dict]:
     checkpoint, config = find_run(options.run)
     parser.set_defaults(run_defaults(checkpoint, config))
     options = parser.parse_args(args)
-    suite_name, attacks = suite_of(options)
+    name = suite_name(options.suite, options.attacks)
+    attacks = load_suite(options.suite) if options.suite else []
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    output_dir = Path(options.output_dir or run_dir / "eval" / suite_name)
+    output_dir = Path(options.output_dir or run_dir / "eval" / name)
     seed = options.seed if options.seed is not None else (config or {}).get("adversarial", {}).get("seed", 0)
 
     trainer_options = options.trainer
@@ -161,10 +161,12 @@ def main(args: list[str] | None = None) -> list[dict]:
             if "save_dir" in logger.init_args:
                 logger.init_args.save_dir = str(output_dir)
             if str(logger.class_path).endswith("WandbLogger"):  # a W&B run of its own, resumed with the evaluation
-                logger.init_args.update({"id": None, "version": None, "name": f"{run_dir.name}-eval-{suite_name}"})
+                logger.init_args.id = logger.init_args.version = None
+                logger.init_args.name = f"{run_dir.name}-eval-{name}"
     configure_wandb_loggers(loggers, output_dir)
 
     instantiated = parser.instantiate(options)
+    attacks += instantiated.attacks or []  # AttackSpecs once instantiated
     data: ChestXRayDataModule = instantiated.data
     stage = load_stage_module(checkpoint, MADE_BY)
     check_data_fits(stage, data, checkpoint)

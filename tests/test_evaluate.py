@@ -84,6 +84,24 @@ def test_a_killed_evaluation_resumes_without_attacking_finished_batches_and_give
     assert (tmp_path / "killed" / "adversarial_examples.png").read_bytes() == (output / "adversarial_examples.png").read_bytes()
 
 
+def test_a_run_directory_gives_the_data_and_the_loggers_of_its_config(tmp_path):
+    run = tmp_path / "teacher"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(CHECKPOINT.read_bytes())
+    data = torch.load(CHECKPOINT, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
+    loggers = [{"class_path": "loggers.ResumableCSVLogger", "init_args": {"save_dir": str(run), "name": "", "version": ""}},
+               {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": str(run), "id": "0123abcd", "project": "robust-cxr"}}]
+    config = {"data": {**dict(data), "batch_size": 32}, "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 15, "logger": loggers},
+              "adversarial": {"seed": 3}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = evaluate.main([str(run), "--attacks", "[{method: fgsm, eps: 0.03}]", "--max_images", "16", "--data.image_size", "64"])
+    output = run / "eval" / "custom"
+    assert [row["attack"] for row in rows] == ["none", "fgsm"] and rows[0]["n"] == 16  # one attack: no worst-case row
+    assert (output / "metrics.csv").is_file() and (output / "robustness_report.md").is_file()  # loggers moved to the output
+    assert (output / "wandb_run_id").read_text().strip() != "0123abcd"  # a W&B run of its own, not the training run's
+    assert json.loads((output / "batches" / "settings.json").read_text())["seed"] == 3  # the run's attack seed
+
+
 class _Killed(Exception):
     """Stands in for a kill (SIGKILL, a SLURM time limit) between two test batches."""
 
