@@ -19,7 +19,11 @@ How it plugs in:
   ranks, logs ``{val,test}/<metric>/<attack>`` (classification: ``robust_acc``, balanced accuracy, per-class
   robust recall, ``attack_success``, ``perturbation``; segmentation: ``robust_dice``, ``robust_iou``) and at
   test end writes `robustness_report.{json,md}` and `adversarial_examples.png` to the trainer's
-  `default_root_dir` (the run directory).
+  `default_root_dir` (the run directory). With `worst_case`, each subject also gets a row over the whole suite: per
+  image, the attacked outputs of the attack it fares worst under (`Task.per_image_score`).
+- Resuming a test: with `batch_results_dir`, each finished test batch's share of the counters is saved per rank
+  (`callbacks.evaluation_journal.BatchJournal`); a re-run loads it instead of attacking the batch again. Every attack is
+  seeded by (seed, rank, batch index, attack), so the batches attacked after a resume draw what they would have.
 What the outputs are, what attacks ascend and how outputs are scored is the module's `task`
 (`robust_cxr.tasks`); nothing here depends on it. Attacks never write parameter `.grad` (see
 `robust_cxr.attacks.attacking`).
@@ -30,7 +34,7 @@ from __future__ import annotations
 import math
 import random
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torchmetrics import Metric
 
+from callbacks.evaluation_journal import SETTINGS_FILE, BatchJournal, EvaluationProgress, check_or_write_settings, merge_metric_states, metric_states
 from robust_cxr.attacks import GRADIENT_METHODS, AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
 from robust_cxr.metrics import DetectionScores
 from robust_cxr.reports import save_example_grid, write_robustness_report
@@ -73,6 +78,13 @@ class AdversarialExampleCallback(Callback):
             (`AttackSpec.max_images`).
         grid_images: images in the test PNG grid (rank 0's first attacked test images, first attack).
         seed: seeds random starts, which depend only on (seed, sample index), not on sharding.
+        worst_case: add a row ``worst_case`` per subject that at least two attacks apply to: an image counts only as it
+            fares under the attack that is worst for it (classification: robust only if right clean and after every
+            attack; segmentation / restoration: its lowest Dice / PSNR, with IoU / SSIM of that attack), on the images
+            every one of those attacks covered.
+        batch_results_dir: at test, save each finished batch's counts there (per rank and batch index) and, on a re-run
+            with the same settings and number of ranks, load them instead of attacking those batches again.
+        progress: at test, log images evaluated / total, elapsed time and ETA after each attacked batch (rank 0).
     """
 
     def __init__(
@@ -88,6 +100,9 @@ class AdversarialExampleCallback(Callback):
         test_max_images: int | None = None,
         grid_images: int = 8,
         seed: int = 0,
+        worst_case: bool = False,
+        batch_results_dir: str | None = None,
+        progress: bool = False,
     ):
         if not 0.0 <= train_fraction <= 1.0:
             raise ValueError(f"train_fraction must lie in [0, 1], got {train_fraction}.")
@@ -104,6 +119,8 @@ class AdversarialExampleCallback(Callback):
         labels = [spec.label for spec in attacks or []]
         if len(set(labels)) != len(labels):
             raise ValueError(f"Attack names must be unique (they name metrics): {labels}; set `name` to tell them apart.")
+        if {"none", WORST_CASE} & set(labels):
+            raise ValueError(f"Attacks cannot be named 'none' or '{WORST_CASE}' (report rows of their own): rename them in {labels}.")
         self.attacks = list(attacks or [])
         self.train_attacks = train_attacks
         self.train_fraction = train_fraction
@@ -114,6 +131,11 @@ class AdversarialExampleCallback(Callback):
         self.test_max_images = test_max_images
         self.grid_images = grid_images
         self.seed = seed
+        self.worst_case = worst_case
+        self.batch_results_dir = batch_results_dir
+        self.progress = progress
+        self._journal: BatchJournal | None = None
+        self._progress: EvaluationProgress | None = None
         self._counts: dict[tuple[str, str], Metric] = {}
         self._detections: dict[tuple[str, str], DetectionScores] = {}
         self._subjects: list[DefendedModel] = []
@@ -200,24 +222,44 @@ class AdversarialExampleCallback(Callback):
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_evaluation(pl_module, active=True)
+        if not self._counts:
+            return
+        if self.batch_results_dir is not None:
+            directory = Path(self.batch_results_dir)
+            settings = dict(attacks=[asdict(spec) for spec in self.attacks], test_max_images=self.test_max_images, seed=self.seed,
+                            worst_case=self.worst_case, world_size=trainer.world_size, rows=[" | ".join(key) for key in self._counts])
+            check_or_write_settings(directory / SETTINGS_FILE, settings,
+                                    fix=f"Delete {directory} to start this evaluation afresh, or write it elsewhere.")
+            self._journal = BatchJournal(directory, trainer.global_rank)
+        if self.progress:
+            self._progress = EvaluationProgress(_images_to_evaluate(trainer, self.test_max_images))
 
     def _start_evaluation(self, pl_module: L.LightningModule, active: bool) -> None:
         self._counts, self._detections, self._grid = {}, {}, None
+        self._journal = self._progress = None
         if not active or not self.attacks:
             return
         self._subjects = pl_module.robustness_subjects()
-        task: Task = pl_module.task
-        with torch.inference_mode(False):  # the counters are updated where attacks run, outside inference mode
-            for subject in self._subjects:
-                self._counts[(subject.key, "none")] = task.robustness_counter().to(pl_module.device)
-                for spec in self.attacks:
-                    if subject.attack_source(spec.threat_model) is not None:
-                        self._counts[(subject.key, spec.label)] = task.robustness_counter().to(pl_module.device)
-            self._detections = {key: DetectionScores().to(pl_module.device) for key in self._counts
-                                if next(s for s in self._subjects if s.key == key[0]).detector is not None}
+        self._counts, self._detections = self._new_counters(pl_module)
         skipped = [s.label for s in self.attacks if all((subj.key, s.label) not in self._counts for subj in self._subjects)]
         if skipped:
             rank_zero_info(f"Attacks {skipped} do not apply to {[s.key for s in self._subjects]} and are skipped.")
+
+    def _new_counters(self, pl_module: L.LightningModule) -> tuple[dict[tuple[str, str], Metric], dict[tuple[str, str], DetectionScores]]:
+        """Fresh counters by (subject key, attack label): ``none`` (clean), each attack that applies to the subject and,
+        with `worst_case` and two or more of them, `WORST_CASE`; and detection scores for subjects with a detector."""
+        task: Task = pl_module.task
+        keys = []
+        for subject in self._subjects:
+            applied = [spec.label for spec in self.attacks if subject.attack_source(spec.threat_model, spec.bpda) is not None]
+            keys += [(subject.key, label) for label in ["none", *applied]]
+            if self.worst_case and len(applied) > 1:
+                keys.append((subject.key, WORST_CASE))
+        detected = {subject.key for subject in self._subjects if subject.detector is not None}
+        with torch.inference_mode(False):  # the counters are updated where attacks run, outside inference mode
+            counts = {key: task.robustness_counter().to(pl_module.device) for key in keys}
+            detections = {key: DetectionScores().to(pl_module.device) for key in keys if key[0] in detected and key[1] != WORST_CASE}
+        return counts, detections
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._counts:
@@ -236,9 +278,39 @@ class AdversarialExampleCallback(Callback):
         Each (subject, attack) pair runs on the global RNG seeded by (callback seed, rank, batch, attack), so a random
         defense draws the same noise for every subject of an attack and rows pair image by image, whatever ran before.
         """
-        with torch.inference_mode(False):  # tensors made under inference mode cannot enter autograd
-            self._evaluate_images(trainer, pl_module, batch["image"].clone(), pl_module.task.targets(batch).clone(),
-                                  batch["index"].clone() if "index" in batch else None, batch_idx, max_images, capture_grid)
+        keys = batch["index"].clone() if "index" in batch else None
+        record = self._journal.load(batch_idx) if self._journal is not None else None
+        attacked = record is None
+        if record is not None:
+            self._load_finished_batch(record, keys, batch_idx, capture_grid)
+        else:
+            totals, grid = (self._counts, self._detections), self._grid
+            if self._journal is not None:  # this batch's share on counters of its own, saved, then added to the totals
+                self._counts, self._detections = self._new_counters(pl_module)
+            with torch.inference_mode(False):  # tensors made under inference mode cannot enter autograd
+                self._evaluate_images(trainer, pl_module, batch["image"].clone(), pl_module.task.targets(batch).clone(),
+                                      keys, batch_idx, max_images, capture_grid)
+            if self._journal is not None:
+                record = dict(keys=None if keys is None else keys.cpu(), counts=metric_states(self._counts), detections=metric_states(self._detections),
+                              grid=self._grid if self._grid is not grid else None)
+                self._journal.save(batch_idx, record)
+                self._counts, self._detections = totals
+                self._load_finished_batch(record, keys, batch_idx, capture_grid)
+        images = int(_subset(keys, max_images, len(batch["image"])).sum())
+        if self._progress is not None and images:
+            rank_zero_info(self._progress.update(images, attacked))
+
+    def _load_finished_batch(self, record: dict, keys: torch.Tensor | None, batch_idx: int, capture_grid: bool) -> None:
+        """Adds a finished batch's saved counts (a `BatchJournal` record) to the totals, and its grid if it has one."""
+        if (record["keys"] is None) != (keys is None) or (keys is not None and not torch.equal(record["keys"], keys.cpu())):
+            raise ValueError(
+                f"Test batch {batch_idx} holds other images than when its results were saved in {self.batch_results_dir}: the data, "
+                "its batch size or the number of processes changed. Delete that folder to evaluate afresh, or restore the settings."
+            )
+        merge_metric_states(self._counts, record["counts"])
+        merge_metric_states(self._detections, record["detections"])
+        if capture_grid and self._grid is None and record["grid"] is not None:
+            self._grid = record["grid"]
 
     def _evaluate_images(self, trainer: L.Trainer, pl_module: L.LightningModule, images: torch.Tensor, targets: torch.Tensor,
                          keys: torch.Tensor | None, batch_idx: int, max_images: int | None, capture_grid: bool) -> None:
@@ -253,6 +325,7 @@ class AdversarialExampleCallback(Callback):
         # The grid shows the first defended subject (with its defense's output) when there is one.
         grid_subject = next((s for s in self._subjects if s.defense_module is not None), self._subjects[0])
         for subject in self._subjects:
+            attacked = []  # (images chosen (B,) bool, their attacked outputs, their perturbation norms) per attack that ran
             with _seeded_global_rng(seed, images.device):
                 clean_outputs = _outputs(subject.pipeline, images, dtype)
             self._counts[(subject.key, "none")].update(targets, clean_outputs, clean_outputs, torch.zeros(len(images), device=images.device))
@@ -260,7 +333,7 @@ class AdversarialExampleCallback(Callback):
                 clean_scores = _outputs(subject.detector, images, dtype)
                 self._detections[(subject.key, "none")].update(clean_scores, None)
             for slot, spec in enumerate(self.attacks, start=1):
-                source = subject.attack_source(spec.threat_model)
+                source = subject.attack_source(spec.threat_model, spec.bpda)
                 chosen = _subset(keys, spec.max_images, len(images)).to(images.device)
                 if source is None or not chosen.any():
                     continue
@@ -274,6 +347,7 @@ class AdversarialExampleCallback(Callback):
                     adversarial_outputs = _outputs(subject.pipeline, adversarial, dtype)
                 norms = perturbation_norm(adversarial, images[chosen], spec.norm)
                 self._counts[(subject.key, spec.label)].update(targets[chosen], clean_outputs[chosen], adversarial_outputs, norms)
+                attacked.append((chosen, adversarial_outputs, norms))
                 if subject.detector is not None:
                     self._detections[(subject.key, spec.label)].update(clean_scores[chosen], _outputs(subject.detector, adversarial, dtype))
                 if capture_grid and subject is grid_subject and self._grid is None:
@@ -283,10 +357,32 @@ class AdversarialExampleCallback(Callback):
                         clean_outputs=clean_outputs[chosen][:n], adversarial_outputs=adversarial_outputs[:n],
                         eps=spec.eps, defended=None,
                     )
+            if (subject.key, WORST_CASE) in self._counts:
+                self._update_worst_case(task, subject.key, targets, clean_outputs, attacked)
         if self._grid is not None and self._grid["defended"] is None and grid_subject.defense_module is not None:
             # Its own noise stream, so that showing the defense's output changes no row.
             with _seeded_global_rng(seed + len(self.attacks) + 1, images.device), torch.no_grad():
                 self._grid["defended"] = grid_subject.defense_module(self._grid["adversarial"])
+
+    def _update_worst_case(self, task: Task, subject_key: str, targets: torch.Tensor, clean_outputs: torch.Tensor,
+                           attacked: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Updates the subject's `WORST_CASE` counter with, per image that every attack applying to it covered, the
+        attacked outputs (and perturbation) of the attack with the lowest `Task.per_image_score` (the first of equals).
+
+        `attacked` holds, per attack that ran on the batch, the images it chose (B,) bool, their attacked outputs (n, ...)
+        and perturbation norms (n,); targets (B, ...) and clean outputs (B, ...) are the batch's."""
+        applying = sum(1 for key in self._counts if key[0] == subject_key and key[1] not in ("none", WORST_CASE))
+        if len(attacked) < applying:  # an attack with a subset of its own covered none of these images
+            return
+        common = torch.stack([chosen for chosen, _, _ in attacked]).all(dim=0)
+        if not common.any():
+            return
+        outputs = torch.stack([outputs[common[chosen]] for chosen, outputs, _ in attacked])  # (A, n, ...)
+        norms = torch.stack([norms[common[chosen]] for chosen, _, norms in attacked])  # (A, n)
+        scores = torch.stack([task.per_image_score(targets[common], attack_outputs) for attack_outputs in outputs])
+        worst = scores.argmin(dim=0)
+        images = torch.arange(len(worst), device=worst.device)
+        self._counts[(subject_key, WORST_CASE)].update(targets[common], clean_outputs[common], outputs[worst, images], norms[worst, images])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_results("val", pl_module)
@@ -313,19 +409,24 @@ class AdversarialExampleCallback(Callback):
         for (subject_key, attack), counts in self._counts.items():
             result = counts.compute()
             subject = next(s for s in self._subjects if s.key == subject_key)
-            spec = specs.get(attack)
-            if spec is not None:
-                suffix = f"/{subject_key}" if len(self._subjects) > 1 else ""
+            suffix = f"/{subject_key}" if len(self._subjects) > 1 else ""
+            if attack != "none":
                 for name, value in task.logged(result).items():  # NaN where undefined (e.g. no image fooled): same keys every run
                     pl_module.log(f"{stage}/{name}/{attack}{suffix}", value, sync_dist=True)
-            executed = spec.executed if spec else dict(steps=None, eot_samples=None, version=None)
-            setting = dict(
-                model=subject.model, defense=subject.defense, threshold=subject.decision_threshold, attack=attack,
-                threat_model=spec.threat_model if spec else "none", norm=spec.norm if spec else "none",
-                eps=spec.eps if spec else 0.0, **executed,
-            )
-            rows += [{**setting, **columns} for columns in task.report_rows(result, attacked=spec is not None)]
-            if subject.detector is not None:
+            setting = dict(model=subject.model, defense=subject.defense, threshold=subject.decision_threshold, attack=attack)
+            if attack == WORST_CASE:
+                suite = [spec for spec in self.attacks if (subject_key, spec.label) in self._counts]
+                setting.update(
+                    threat_model="+".join(dict.fromkeys(spec.threat_model for spec in suite)), norm="+".join(dict.fromkeys(spec.norm for spec in suite)),
+                    eps=max(spec.eps for spec in suite), steps=None, eot_samples=None, version=None, worst_of=", ".join(spec.label for spec in suite),
+                )
+            else:
+                spec = specs.get(attack)
+                executed = spec.executed if spec else dict(steps=None, eot_samples=None, version=None)
+                setting.update(threat_model=spec.threat_model if spec else "none", norm=spec.norm if spec else "none",
+                               eps=spec.eps if spec else 0.0, **executed)
+            rows += [{**setting, **columns} for columns in task.report_rows(result, attacked=attack != "none")]
+            if (subject_key, attack) in self._detections:  # never the worst-case row
                 detection = self._detections[(subject_key, attack)].compute(float(subject.detector.threshold))
                 rows += _detection_rows(setting, detection, spec, subject.detector_seen)
                 for name in ("auroc", "tpr") if spec is not None else ():
@@ -361,6 +462,16 @@ def _batch_hook_owner(trainer: L.Trainer, pl_module: L.LightningModule) -> L.Lig
     if datamodule is not None and (is_overridden(hook, datamodule) or not is_overridden(hook, pl_module)):
         return datamodule
     return pl_module
+
+
+WORST_CASE = "worst_case"  # the attack name of the worst-case rows
+
+
+def _images_to_evaluate(trainer: L.Trainer, max_images: int | None) -> int:
+    """The test images of index < `max_images` (all for None) that this rank's test loader yields."""
+    loader = trainer.test_dataloaders
+    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+    return sum(1 for index in loader.sampler if max_images is None or index < max_images)
 
 
 # Evaluation seeds: callback seed + rank * 10**9 + batch * 1000 + attack slot, apart for < 1000 attacks and < 10**6 batches.

@@ -1,8 +1,8 @@
 """Adversarial attacks on plain `nn.Module`s, in [0, 1] pixel space (no Lightning here).
 
 advertorch supplies FGSM, PGD / BIM / L2-PGD (its `perturb_iterative`), MI-FGSM and CW-L2;
-pyautoattack, the pip-packaged reference code of Croce & Hein, supplies APGD-CE, APGD-DLR and
-AutoAttack. Every attack follows the gradients of a *source* module and is scored elsewhere on a
+pyautoattack, the pip-packaged reference code of Croce & Hein, supplies APGD-CE, APGD-DLR, Square
+(gradient-free) and AutoAttack. Every attack follows the gradients of a *source* module and is scored elsewhere on a
 *target* (see `robust_cxr.threat`). While it runs, the source is in eval mode with frozen
 parameters: advertorch calls `loss.backward()`, and freezing is what keeps attack gradients out
 of parameter `.grad` and away from DDP's gradient hooks whatever the backend does.
@@ -14,7 +14,7 @@ import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,9 @@ from advertorch.attacks import CarliniWagnerL2Attack, GradientSignAttack, Moment
 from advertorch.attacks.iterative_projected_gradient import perturb_iterative  # noqa: E402
 from pyautoattack import AutoAttack  # noqa: E402
 from pyautoattack.autopgd_base import APGDAttack  # noqa: E402
+from pyautoattack.square import SquareAttack  # noqa: E402
 
-AttackMethod = Literal["fgsm", "pgd", "bim", "mifgsm", "pgd_l2", "cw_l2", "apgd_ce", "apgd_dlr", "autoattack"]
+AttackMethod = Literal["fgsm", "pgd", "bim", "mifgsm", "pgd_l2", "cw_l2", "apgd_ce", "apgd_dlr", "square", "autoattack"]
 ThreatModel = Literal["whitebox", "graybox", "transfer", "adaptive"]
 L2_METHODS = ("pgd_l2", "cw_l2")
 GRADIENT_METHODS = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2")  # the methods that ascend any given loss
@@ -67,6 +68,10 @@ class AttackSpec:
         target: a targeted goal of the task (e.g. segmentation's ``empty``: every pixel background), which the
             attack drives the output toward instead of away from the truth; None: untargeted.
         name: label in metric names and reports; default from method, steps and target (``pgd10``, ``pgd10_to_empty``).
+        queries: ``square`` only: its queries (model evaluations per image, the standard 5000 by default).
+        bpda: ``whitebox`` only: BPDA (Athalye et al. 2018), for defenses that are not (usefully) differentiable. The
+            forward pass runs the deployed pipeline as it is, the backward pass takes the defense in front of the model
+            as the identity (`IdentityBackward`). Subjects without a defense skip it.
         max_images: evaluate this attack on the test images of index < `max_images` only (None: every image
             the callback attacks), a class-stratified subset (see `datamodules.chest_xray.interleaved_order`),
             the same for any batch size and number of ranks; for attacks too costly for the whole set, such as
@@ -83,9 +88,18 @@ class AttackSpec:
     eot_samples: int = 1
     target: str | None = None
     name: str | None = None
+    queries: int = 5000
+    bpda: bool = False
     max_images: int | None = None
 
     def __post_init__(self) -> None:
+        if self.method not in get_args(AttackMethod):
+            raise ValueError(f"Attack {self.label}: unknown method {self.method!r}; use one of {list(get_args(AttackMethod))}.")
+        if self.queries < 1:
+            raise ValueError(f"Attack {self.label}: queries must be >= 1 (got {self.queries}).")
+        if self.bpda and self.threat_model != "whitebox":
+            raise ValueError(f"Attack {self.label}: bpda differentiates through the defense, so it needs threat_model whitebox "
+                             f"(got {self.threat_model}); set bpda to false for the other threat models.")
         if self.eps <= 0 or self.steps < 1 or self.eot_samples < 1 or (self.max_images is not None and self.max_images < 1):
             raise ValueError(f"Attack {self.label}: eps must be > 0, steps and eot_samples >= 1, max_images >= 1 or null (got {self}).")
         if self.threat_model == "adaptive" and (self.method not in GRADIENT_METHODS or self.eot_samples > 1):
@@ -99,13 +113,14 @@ class AttackSpec:
     @property
     def executed(self) -> dict[str, int | str | None]:
         """What the attack actually runs, for report columns: ``steps`` (gradient steps in all; CW's binary-search
-        rounds times its steps; AutoAttack's APGD iterations), ``eot_samples`` and ``version`` (AutoAttack's)."""
+        rounds times its steps; AutoAttack's APGD iterations; Square's queries, one forward pass each), ``eot_samples`` and
+        ``version`` (AutoAttack's; ``bpda`` for a BPDA attack)."""
         if self.method == "autoattack":
             if self.stochastic_source:
                 return dict(steps=AUTOATTACK_ITERATIONS, eot_samples=self.eot_samples, version="rand: apgd-ce, apgd-dlr")
             return dict(steps=AUTOATTACK_ITERATIONS, eot_samples=1, version="standard: apgd-ce, apgd-t, fab-t, square-5000")
-        steps = {"fgsm": 1, "cw_l2": CW_SEARCH_STEPS * self.steps}.get(self.method, self.steps)
-        return dict(steps=steps, eot_samples=self.eot_samples, version=None)
+        steps = {"fgsm": 1, "cw_l2": CW_SEARCH_STEPS * self.steps, "square": self.queries}.get(self.method, self.steps)
+        return dict(steps=steps, eot_samples=self.eot_samples, version="bpda" if self.bpda else None)
 
     @property
     def norm(self) -> Literal["linf", "l2"]:
@@ -115,7 +130,13 @@ class AttackSpec:
     def label(self) -> str:
         if self.name:
             return self.name
-        label = self.method if self.method in ("fgsm", "cw_l2", "apgd_ce", "apgd_dlr", "autoattack") else f"{self.method}{self.steps}"
+        if self.method == "square":
+            label = f"square{self.queries}"
+        elif self.method in ("fgsm", "cw_l2", "apgd_ce", "apgd_dlr", "autoattack"):
+            label = self.method
+        else:
+            label = f"{self.method}{self.steps}"
+        label += "_bpda" * self.bpda
         return label if self.target is None else f"{label}_to_{self.target}"
 
     @property
@@ -139,6 +160,42 @@ class ExpectationOverTransformation(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         outputs = self.model(images.repeat(self.samples, 1, 1, 1))
         return outputs.unflatten(0, (self.samples, images.shape[0])).mean(dim=0)
+
+
+class _IdentityBackwardFunction(torch.autograd.Function):
+    """``function(inputs)`` forward, the identity backward (BPDA's straight-through estimate)."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        ctx.dtype = inputs.dtype
+        return function(inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.to(ctx.dtype), None
+
+
+class IdentityBackward(nn.Module):
+    """`pipeline` with BPDA through its part `defense`: images (B, C, H, W) in [0, 1] -> the pipeline's outputs.
+
+    The forward pass is the pipeline's own (the defense runs as deployed, random draws and all); in the backward pass
+    the defense, which must map images to images of the same shape, counts as the identity. `defense` must be the very
+    module the pipeline calls (e.g. `DefendedModel.defense_module`): it is swapped for the straight-through version
+    for the duration of each forward pass.
+    """
+
+    def __init__(self, pipeline: nn.Module, defense: nn.Module):
+        super().__init__()
+        self.pipeline = pipeline
+        self.defense = defense
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        defense_forward = self.defense.forward
+        self.defense.forward = lambda inputs: _IdentityBackwardFunction.apply(inputs, defense_forward)
+        try:
+            return self.pipeline(images)
+        finally:
+            del self.defense.forward  # the class's forward again
 
 
 @contextmanager
@@ -282,6 +339,13 @@ def _run_attack(
             predict, loss_fn, eps=spec.eps, nb_iter=spec.steps, eps_iter=spec.alpha, decay_factor=1.0, clip_min=0.0, clip_max=1.0
         )
         return attack.perturb(images, labels)
+    if method == "square":
+        # Gradient-free: random square updates kept where they lower the margin. Its draws come from the global RNG (the
+        # callback seeds it per batch); the best point found is returned for every image, also one it did not fool,
+        # since a stochastic model may not be fooled by the next draw anyway.
+        attack = SquareAttack(predict, norm="Linf", n_queries=spec.queries, eps=spec.eps, seed=seed, device=images.device)
+        attack.init_hyperparam(images)
+        return attack.attack_single_run(images, labels)[1]
     if method == "cw_l2":
         attack = CarliniWagnerL2Attack(
             predict, num_classes, learning_rate=spec.step_size or 0.01, binary_search_steps=CW_SEARCH_STEPS,

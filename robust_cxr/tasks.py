@@ -8,6 +8,8 @@ report use nothing else about the outputs, so they serve every task unchanged:
 - `robustness_counter()`: a DDP-summed torchmetrics `Metric` updated with the targets and the clean and attacked
   outputs of the same images; `logged` and `report_rows` turn its `compute()` into logged metrics and report rows
   (one row per metric, each with ``metric``, ``value`` (under attack) and ``clean_value`` (the same images clean));
+- `per_image_score(targets, outputs)`: how well each image fares, which the worst-case row over an attack suite minimises
+  per image (classification: right or wrong; segmentation: Dice; restoration: PSNR);
 - `example_columns`, `overlay` and `caption`: the example grid's task columns (by default the clean and attacked
   images with `overlay` drawing what the model predicts on them) and the text beside each row.
 """
@@ -74,6 +76,11 @@ class Task(ABC):
         """A fresh counter: ``update(targets, clean_outputs, adversarial_outputs, perturbation (B,))``."""
 
     @abstractmethod
+    def per_image_score(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 score of each image's outputs (B, ...) against its targets (B, ...), higher is better: the worst-case
+        row takes, per image, the attacked outputs of the attack that scores lowest."""
+
+    @abstractmethod
     def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metric name (without stage and attack) -> value, from a counter's `compute()` under an attack."""
 
@@ -121,6 +128,10 @@ class ClassificationTask(Task):
 
     def robustness_counter(self) -> Metric:
         return RobustnessCounts(self.num_classes)
+
+    def per_image_score(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """1 where the argmax of the logits (B, K) is the label (B,), else 0."""
+        return (outputs.argmax(dim=1) == targets).double()
 
     def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
         return {
@@ -194,6 +205,10 @@ class SegmentationTask(Task):
     def robustness_counter(self) -> Metric:
         return SegmentationRobustness()
 
+    def per_image_score(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """Dice of the predicted foreground (logits (B, 1, H, W) > 0) against the masks (B, 1, H, W)."""
+        return dice_and_iou(outputs > 0, targets > 0.5)[0]
+
     def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"robust_dice": result["dice"], "robust_iou": result["iou"], "perturbation": result["perturbation"]}
 
@@ -255,6 +270,10 @@ class RestorationTask(Task):
 
     def robustness_counter(self) -> Metric:
         return RestorationRobustness()
+
+    def per_image_score(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """PSNR (dB) of the restored images (B, C, H, W) against the clean ones."""
+        return psnr_and_ssim(outputs, targets)[0]
 
     def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"robust_psnr": result["psnr"], "robust_ssim": result["ssim"], "perturbation": result["perturbation"]}

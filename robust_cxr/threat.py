@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_cxr.attacks import LossFn, ThreatModel, summed_cross_entropy
+from robust_cxr.attacks import IdentityBackward, LossFn, ThreatModel, summed_cross_entropy
 
 ADAPTIVE_DETECTOR_WEIGHT = 1.0  # weight of the detector's score in the adaptive attack's loss
 
@@ -55,11 +55,15 @@ class DefendedModel:
         settings (``purifier/ddim-1@t100`` -> ``purifier``), so that a sweep over those settings names one metric."""
         return self.model if self.defense == "none" else f"{self.model}+{self.defense.split('/')[0]}"
 
-    def attack_source(self, threat_model: ThreatModel) -> nn.Module | None:
+    def attack_source(self, threat_model: ThreatModel, bpda: bool = False) -> nn.Module | None:
         """The module an attack of `threat_model` follows; None where that threat model does not
-        apply (gray-box on an undefended model is white-box; transfer needs a transfer source) or is not asked for."""
+        apply (gray-box on an undefended model is white-box; transfer needs a transfer source; BPDA needs a
+        `defense_module`) or is not asked for. `bpda` (white-box only): the pipeline with the identity as the
+        defense's backward pass (`IdentityBackward`)."""
         if threat_model not in self.threat_models:
             return None
+        if bpda:
+            return None if threat_model != "whitebox" or self.defense_module is None else IdentityBackward(self.pipeline, self.defense_module)
         if threat_model == "whitebox":
             return self.pipeline
         if threat_model == "graybox":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,12 +13,14 @@ from datamodules.synthetic import generate_phantoms
 from robust_cxr.attacks import (
     AttackSpec,
     ExpectationOverTransformation,
+    IdentityBackward,
     attacking,
     craft_adversarial,
     keyed_uniform,
     perturbation_norm,
     random_start,
 )
+from robust_cxr.threat import DefendedModel
 
 EPS = 0.03
 
@@ -239,3 +243,65 @@ def test_attacking_context_restores_state_after_an_error(trained):
             raise RuntimeError("boom")
     assert model.training and all(p.requires_grad for p in model.parameters())
     model.eval()
+
+
+def test_bpda_through_an_identity_defense_is_plain_pgd(trained):
+    model, images, labels = trained
+    identity = nn.Identity()
+    subject = DefendedModel("cnn", "identity", model, nn.Sequential(identity, model), defense_module=identity)
+    spec = AttackSpec(method="pgd", eps=EPS, steps=5)
+    keys = torch.arange(len(images))
+    plain = craft_adversarial(spec, model, images, labels, keys=keys, seed=3)
+    bpda = craft_adversarial(replace(spec, bpda=True), subject.attack_source("whitebox", bpda=True), images, labels, keys=keys, seed=3)
+    assert torch.equal(bpda, plain) and not torch.equal(plain, images)
+    assert DefendedModel("cnn", "none", model, model).attack_source("whitebox", bpda=True) is None  # nothing to pass through
+
+
+def test_bpda_passes_gradients_through_a_defense_without_any(trained):
+    model, images, labels = trained
+    quantize = _Quantize()  # piecewise constant: zero gradient almost everywhere
+    pipeline = nn.Sequential(quantize, model)
+    spec = AttackSpec(method="pgd", eps=EPS, steps=5, random_start=False)
+    masked = craft_adversarial(spec, pipeline, images, labels)
+    bpda = craft_adversarial(replace(spec, bpda=True), IdentityBackward(pipeline, quantize), images, labels)
+    assert torch.equal(masked, images)  # plain PGD sees no gradient and never moves
+    assert perturbation_norm(bpda, images, "linf").max() <= EPS + 1e-6
+    assert _accuracy(pipeline, bpda, labels) < _accuracy(pipeline, images, labels) - 0.2
+    assert quantize.forward.__func__ is _Quantize.forward  # the defense's own forward is back after the attack
+
+
+class _Quantize(nn.Module):
+    """Rounds [0, 1] images to 8 levels."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images * 7).round() / 7
+
+
+def test_square_stays_in_budget_and_lowers_the_margin(trained):
+    model, images, labels = trained
+    images, labels = images[:16], labels[:16]
+    torch.manual_seed(0)
+    adversarial = craft_adversarial(AttackSpec(method="square", eps=EPS, queries=300), model, images, labels)
+    assert perturbation_norm(adversarial, images, "linf").max() <= EPS + 1e-6
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+
+    def margins(batch: torch.Tensor) -> torch.Tensor:  # true-class logit minus the other's
+        with torch.no_grad():
+            logits = model(batch)
+        return logits.gather(1, labels[:, None])[:, 0] - logits.gather(1, 1 - labels[:, None])[:, 0]
+
+    clean, attacked = margins(images), margins(adversarial)
+    assert attacked.mean() < clean.mean() - 0.5
+    assert (attacked < clean).float().mean() >= 0.75
+    assert _accuracy(model, adversarial, labels) < _accuracy(model, images, labels)
+
+
+def test_square_and_bpda_settings():
+    assert AttackSpec(method="square", queries=1000).label == "square1000"
+    assert AttackSpec(method="square", queries=1000, eot_samples=8).executed == dict(steps=1000, eot_samples=8, version=None)
+    assert AttackSpec(method="pgd", steps=100, bpda=True).label == "pgd100_bpda"
+    assert AttackSpec(method="pgd", bpda=True).executed["version"] == "bpda"
+    with pytest.raises(ValueError, match="threat_model whitebox"):
+        AttackSpec(method="pgd", bpda=True, threat_model="graybox")
+    with pytest.raises(ValueError, match="unknown method 'sqare'"):
+        AttackSpec(method="sqare")

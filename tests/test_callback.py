@@ -218,7 +218,7 @@ def test_validation_attacks_follow_every_n_epochs_and_max_images(tmp_path):
 
 def _ddp_report(teacher_run, tmp_path, devices: int) -> list[dict]:
     attacks = EVAL_ATTACKS + [AttackSpec(method="apgd_ce", eps=EPS, steps=5), AttackSpec(method="pgd", eps=EPS, steps=5, max_images=41, name="pgd5_subset")]
-    trainer = _trainer(tmp_path / f"devices{devices}", [AdversarialExampleCallback(attacks=attacks)], devices=devices,
+    trainer = _trainer(tmp_path / f"devices{devices}", [AdversarialExampleCallback(attacks=attacks, worst_case=True)], devices=devices,
                        strategy="ddp_spawn" if devices > 1 else "auto")
     trainer.test(_load_teacher(teacher_run), datamodule=_datamodule(synthetic_samples=810, batch_size=16), verbose=False)
     return json.loads((tmp_path / f"devices{devices}" / "robustness_report.json").read_text())
@@ -232,6 +232,9 @@ def test_ddp_evaluation_counts_equal_single_process(teacher_run, tmp_path):
     # The subset is the same 41 images on one and on two ranks (20 and 21 of them on the two), so every figure agrees.
     subset = [[row for row in report if row["attack"] == "pgd5_subset"][0] for report in (single, double)]
     assert subset[0]["n"] == 41 and subset[0] == subset[1]
+    # The worst case over the suite covers the images every attack covered (the subset), summed over ranks alike.
+    worst = [[row for row in report if row["attack"] == "worst_case"][0] for report in (single, double)]
+    assert worst[0]["n"] == 41 and worst[0] == worst[1] and worst[0]["correct"] <= subset[0]["correct"]
 
 
 def test_adversarial_training_under_two_process_ddp(tmp_path):

@@ -1,0 +1,197 @@
+"""Evaluate a finished run under an attack suite, without retraining: the usual robustness report, in a folder of its own.
+
+    python evaluate.py runs/purify_finetune --suite configs/eval/strong.yaml     # a run directory, a suite file
+    python evaluate.py runs/teacher --suite strong --max_images 256               # a suite name is looked up in configs/eval/
+    python evaluate.py runs/student/checkpoints/best.ckpt --attacks '[{method: pgd, eps: 0.01, steps: 50}]'
+    python evaluate.py runs/teacher --suite strong --data.root ../shared/data/chest_xray_pneumonia_128 --trainer.devices 2 --trainer.strategy ddp
+    python evaluate.py ... --debug                                                # the full traceback of an error
+
+The input is a run directory (its `config.yaml` and `checkpoints/best.ckpt`) or a checkpoint file (a run's
+`config.yaml` two folders up is read if there is one; otherwise the data settings stored in the checkpoint). The stage is
+rebuilt from its checkpoint (`load_stage_module`); the DataModule and the Trainer's devices, strategy, precision and
+loggers come from the run's config, each an ordinary override (`--data.*`, `--trainer.*`). The suite is a YAML list of
+attacks in the format of the configs' `adversarial.attacks` (`--attacks` adds more). The one adversarial callback runs
+it through `trainer.test` and writes `robustness_report.{json,md}`, `adversarial_examples.png`, `test_metrics.json`
+(and the W&B table when the run logs to W&B) to `--output_dir` (default `<run dir>/eval/<suite name>`), with a
+worst-case row per subject and progress with an ETA. Each finished test batch is saved under `<output_dir>/batches/`: the
+same command after a kill (or a SLURM requeue) resumes, attacking only the batches that had not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+
+from callbacks import AdversarialExampleCallback  # noqa: E402
+from callbacks.evaluation_journal import check_or_write_settings  # noqa: E402
+from datamodules import ChestXRayDataModule  # noqa: E402
+from lightning_modules.stage import StageModule, load_stage_module  # noqa: E402
+from robust_cxr.attacks import AttackSpec  # noqa: E402
+from robust_cxr.cli_errors import run_cli  # noqa: E402
+from train import configure_wandb_loggers  # noqa: E402
+
+SUITE_FOLDER = Path(__file__).resolve().parent / "configs" / "eval"  # where `--suite NAME` is looked up
+TRAINER_KEYS_KEPT = ("accelerator", "strategy", "devices", "num_nodes", "precision", "logger")  # from the run's config
+BATCHES_FOLDER = "batches"  # in the output folder: each finished test batch's results, for resuming
+MADE_BY = "python train.py --config configs/<stage>.yaml"
+
+
+def find_run(run: str | Path) -> tuple[Path, dict | None]:
+    """The checkpoint of `run` (a run directory: its `checkpoints/best.ckpt`; or a checkpoint file) and the run's resolved
+    config (`config.yaml` of the run directory, or two folders above the checkpoint), or None if there is none."""
+    path = Path(run)
+    if path.is_dir():
+        checkpoint, config = path / "checkpoints" / "best.ckpt", path / "config.yaml"
+        missing = [str(file) for file in (checkpoint, config) if not file.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not a finished run directory: {' and '.join(missing)} missing. Give the directory a `{MADE_BY}` run "
+                "wrote (--run_dir), or the path of a checkpoint file."
+            )
+    elif path.is_file():
+        checkpoint, config = path, path.parent.parent / "config.yaml"
+    else:
+        raise FileNotFoundError(f"{path} does not exist; give a run directory (with config.yaml and checkpoints/best.ckpt) or a checkpoint file.")
+    return checkpoint, yaml.safe_load(config.read_text()) if config.is_file() else None
+
+
+def load_suite(suite: str | Path) -> list[AttackSpec]:
+    """The attacks of a suite file, a YAML list of `AttackSpec` fields (``- {method: pgd, eps: 0.03, steps: 100}``); a
+    bare name (``strong``) is looked up in `SUITE_FOLDER`."""
+    path = Path(suite)
+    if not path.is_file() and path.parent == Path("."):
+        path = next((candidate for candidate in (SUITE_FOLDER / path.name, SUITE_FOLDER / f"{path.name}.yaml") if candidate.is_file()), path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Suite {suite} does not exist; give a YAML file or the name of one in {SUITE_FOLDER}.")
+    entries = yaml.safe_load(path.read_text())
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError(f"Suite {path} must be a YAML list of attacks, e.g. `- {{method: pgd, eps: 0.03, steps: 100}}`.")
+    fields = set(AttackSpec.__dataclass_fields__)
+    for entry in entries:
+        unknown = sorted(set(entry) - fields)
+        if unknown:
+            raise ValueError(f"Suite {path}: {unknown} are no attack fields; use {sorted(fields)}.")
+    return [AttackSpec(**entry) for entry in entries]
+
+
+def build_parser() -> LightningArgumentParser:
+    parser = LightningArgumentParser(description=__doc__.split("\n\n")[0], exit_on_error=False)
+    parser.add_argument("run", type=str, help="a run directory (config.yaml, checkpoints/best.ckpt) or a checkpoint file")
+    parser.add_argument("--suite", type=str | None, default=None, help="a YAML list of attacks, or a suite name in configs/eval/")
+    parser.add_argument("--attacks", type=list[AttackSpec] | None, default=None, help="attacks added to the suite's")
+    parser.add_argument("--max_images", type=int | None, default=None, help="the test images of index < N, class-stratified (default: all)")
+    parser.add_argument("--output_dir", type=str | None, default=None, help="default: <run dir>/eval/<suite name>")
+    parser.add_argument("--seed", type=int | None, default=None, help="the attacks' seed (default: the run's adversarial.seed)")
+    parser.add_argument("--worst_case", type=bool, default=True, help="a worst-case row per subject over the suite")
+    parser.add_argument("--grid_images", type=int, default=8, help="images in adversarial_examples.png")
+    parser.add_class_arguments(ChestXRayDataModule, "data")
+    parser.add_class_arguments(L.Trainer, "trainer")
+    parser.set_defaults({"trainer.logger": False, "trainer.enable_checkpointing": False, "trainer.enable_model_summary": False,
+                         "trainer.enable_progress_bar": False})  # the callback logs progress with an ETA instead
+    return parser
+
+
+def run_defaults(checkpoint: Path, config: dict | None) -> dict:
+    """Parser defaults from the run: its data settings (the config's, else those stored in the checkpoint) and its
+    Trainer's `TRAINER_KEYS_KEPT`."""
+    if config is None:
+        data = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("datamodule_hyper_parameters")
+        if data is None:
+            raise ValueError(f"{checkpoint} holds no data settings and has no run config.yaml two folders up: give its run directory.")
+        return {"data": dict(data)}
+    trainer = {key: value for key, value in config.get("trainer", {}).items() if key in TRAINER_KEYS_KEPT}
+    return {"data": config["data"], **{f"trainer.{key}": value for key, value in trainer.items()}}
+
+
+def suite_name(suite: str | None, attacks: list | None) -> str:
+    """The name of the suite: its file's stem, or ``custom`` for `--attacks` alone."""
+    if not suite and not attacks:
+        raise ValueError("No attacks to run: give --suite (e.g. configs/eval/strong.yaml) or --attacks.")
+    return Path(suite).stem if suite else "custom"
+
+
+def check_data_fits(stage: StageModule, data: ChestXRayDataModule, checkpoint: Path) -> None:
+    """Raises ValueError when the data's classes, image size or channels differ from those the stage was trained on."""
+    trained = stage.hparams
+    pairs = [("class_names", trained.get("class_names"), list(data.class_names)), ("image_size", trained.get("image_size"), data.hparams.image_size),
+             ("channels", trained.get("in_chans"), data.hparams.channels)]
+    differences = [f"{name}: {expected!r} in the checkpoint, {actual!r} in the data" for name, expected, actual in pairs
+                   if expected is not None and expected != actual]
+    if differences:
+        raise ValueError(f"{checkpoint} was trained on other data (" + "; ".join(differences) + "): fix the --data.* overrides.")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(args: list[str] | None = None) -> list[dict]:
+    """Parses `args` (default: the command line), evaluates, writes the report; returns its rows."""
+    parser = build_parser()
+    options = parser.parse_args(args)
+    checkpoint, config = find_run(options.run)
+    parser.set_defaults(run_defaults(checkpoint, config))
+    options = parser.parse_args(args)
+    name = suite_name(options.suite, options.attacks)
+    attacks = load_suite(options.suite) if options.suite else []
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    output_dir = Path(options.output_dir or run_dir / "eval" / name)
+    seed = options.seed if options.seed is not None else (config or {}).get("adversarial", {}).get("seed", 0)
+
+    trainer_options = options.trainer
+    trainer_options.default_root_dir = str(output_dir)
+    loggers = trainer_options.logger if isinstance(trainer_options.logger, list) else [trainer_options.logger]
+    for logger in loggers:
+        if hasattr(logger, "init_args"):
+            if "save_dir" in logger.init_args:
+                logger.init_args.save_dir = str(output_dir)
+            if str(logger.class_path).endswith("WandbLogger"):  # a W&B run of its own, resumed with the evaluation
+                logger.init_args.id = logger.init_args.version = None
+                logger.init_args.name = f"{run_dir.name}-eval-{name}"
+    configure_wandb_loggers(loggers, output_dir)
+
+    instantiated = parser.instantiate(options)
+    attacks += instantiated.attacks or []  # AttackSpecs once instantiated
+    data: ChestXRayDataModule = instantiated.data
+    stage = load_stage_module(checkpoint, MADE_BY)
+    check_data_fits(stage, data, checkpoint)
+    callback = AdversarialExampleCallback(
+        attacks=attacks, test_max_images=options.max_images, grid_images=options.grid_images, seed=seed,
+        worst_case=options.worst_case, batch_results_dir=str(output_dir / BATCHES_FOLDER), progress=True,
+    )
+    trainer: L.Trainer = instantiated.trainer
+    trainer.callbacks.append(callback)
+    check_or_write_settings(
+        output_dir / BATCHES_FOLDER / "source.json",
+        dict(checkpoint=str(checkpoint.resolve()), checkpoint_sha256=file_sha256(checkpoint), data=options.data.as_dict()),
+        fix=f"Delete {output_dir} to evaluate afresh, or give another --output_dir.",
+    )
+    L.seed_everything((config or {}).get("seed_everything", 0), verbose=False)  # a random defense's noise in the stage's own test metrics
+    rank_zero_info(f"Evaluating {checkpoint} under {[spec.label for spec in attacks]} -> {output_dir}")
+    results = trainer.test(stage, datamodule=data, verbose=False)
+    if trainer.is_global_zero:
+        (output_dir / "test_metrics.json").write_text(json.dumps(results[0] if results else {}, indent=2) + "\n")
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+    report = output_dir / "robustness_report.json"
+    return json.loads(report.read_text()) if report.is_file() else []
+
+
+if __name__ == "__main__":
+    run_cli(main)
