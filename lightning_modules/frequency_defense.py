@@ -12,10 +12,10 @@ from torch import nn
 
 from lightning_modules.optimization import adamw_warmup_cosine
 from lightning_modules.stage import StageModule, load_stage_module
-from robust_cxr.frequency import DetectThenReform, FrequencyDetector, FrequencyRepresentation, Reformer, pixel_loss, threshold_for_false_positive_rate
+from robust_cxr.frequency import DetectThenReform, FrequencyDetector, FrequencyRepresentation, Reformer, threshold_for_false_positive_rate
 from robust_cxr.attacks import summed_cross_entropy
 from robust_cxr.metrics import LogitsAndLabels
-from robust_cxr.tasks import Task
+from robust_cxr.tasks import Task, per_image_mse
 from robust_cxr.threat import DefendedModel, seen_label
 
 TARGET_COMMAND = "python train.py --config configs/segment.yaml (or a classifier stage's config)"
@@ -215,7 +215,7 @@ class AdversarialReformer(TargetDefenseStage):
         count = len(adversarial)
         # One forward over both, so that BatchNorm sees the mix the reformer meets.
         reformed = self.model(torch.cat([adversarial, clean]))
-        loss = pixel_loss(reformed, torch.cat([clean[:count], clean])).mean()
+        loss = per_image_mse(reformed, torch.cat([clean[:count], clean])).mean()
         if self.hparams.task_loss_weight > 0:
             task_loss = (self._task.attack_loss or summed_cross_entropy)(self.target(reformed[:count]), self._task.targets(batch)[:count])
             loss = loss + self.hparams.task_loss_weight * task_loss / count
@@ -223,10 +223,10 @@ class AdversarialReformer(TargetDefenseStage):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val/clean_pixel_loss", pixel_loss(self.model(batch["image"]), batch["image"]).mean(), sync_dist=True, prog_bar=True)
+        self.log("val/clean_pixel_loss", per_image_mse(self.model(batch["image"]), batch["image"]).mean(), sync_dist=True, prog_bar=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("test/clean_pixel_loss", pixel_loss(self.model(batch["image"]), batch["image"]).mean(), sync_dist=True)
+        self.log("test/clean_pixel_loss", per_image_mse(self.model(batch["image"]), batch["image"]).mean(), sync_dist=True)
 
 
 def _load_detector(detector_ckpt: str, task: Task) -> AdversarialDetector:

@@ -10,7 +10,7 @@ from timm.optim import param_groups_weight_decay
 from torchmetrics import MeanMetric
 
 from lightning_modules.optimization import adamw_warmup_cosine
-from lightning_modules.purifier import psnr
+from robust_cxr.metrics import per_image_psnr
 from lightning_modules.stage import ExportingDenoiserStage
 from robust_cxr.nim import DE3_NOISE, NIMPurifier, NoiseScale, NoisyImageModel
 
@@ -82,8 +82,8 @@ class NoisyImageModeling(ExportingDenoiserStage):
         sigma = torch.full((len(images),), self.hparams.eval_sigma, device=images.device)
         noisy = self.noised(images, sigma, generator)
         metrics["loss"].update(self.model.reconstruction_loss(noisy, images), weight=len(images))
-        metrics["psnr"].update(psnr(self.model(noisy, sigma).clamp(0, 1), images))
-        metrics["psnr_noisy"].update(psnr(noisy.clamp(0, 1), images))
+        metrics["psnr"].update(per_image_psnr(self.model(noisy, sigma).clamp(0, 1), images))
+        metrics["psnr_noisy"].update(per_image_psnr(noisy.clamp(0, 1), images))
 
     def export(self, directory: Path) -> None:
         """``config.json`` (architecture and training noise) and ``model.safetensors``."""

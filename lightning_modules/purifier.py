@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from torchmetrics import MeanMetric
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_modules.optimization import adamw_warmup_cosine
 from lightning_modules.stage import ExportingDenoiserStage
+from robust_cxr.metrics import per_image_psnr
 from robust_cxr.purification import PurificationMethod, Purifier, load_unet
 
 DEFAULT_UNET = dict(
@@ -125,8 +125,8 @@ class DiffusionPurifier(ExportingDenoiserStage):
         abar = self.alphas_cumprod[self.hparams.t_star]
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         noisy = (abar.sqrt() * (2 * images - 1) + (1 - abar).sqrt() * noise + 1) / 2
-        metrics["psnr"].update(psnr(purified, images))
-        metrics["psnr_noisy"].update(psnr(noisy.clamp(0, 1), images))
+        metrics["psnr"].update(per_image_psnr(purified, images))
+        metrics["psnr_noisy"].update(per_image_psnr(noisy.clamp(0, 1), images))
 
     def export(self, directory: Path) -> None:
         """The EMA UNet and the scheduler (diffusers folders ``unet/``, ``scheduler/``)."""
@@ -135,11 +135,6 @@ class DiffusionPurifier(ExportingDenoiserStage):
     def configure_optimizers(self):
         hp = self.hparams
         return adamw_warmup_cosine(self, self.unet.parameters(), hp.lr, hp.weight_decay, hp.warmup_epochs)
-
-
-def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image (B,) of images (B, C, H, W) in [0, 1] against references of the same shape."""
-    return peak_signal_noise_ratio(images, references, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
 def _new_unet(in_chans: int, image_size: int, settings: dict[str, Any] | None) -> UNet2DModel:

@@ -12,7 +12,6 @@ import math
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robust_cxr.models import create_segmenter
@@ -130,8 +129,3 @@ class DetectThenReform(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         flagged = self.detector.flagged(images).view(-1, *([1] * (images.ndim - 1)))
         return torch.where(flagged, self.reformer(images), images)
-
-
-def pixel_loss(reformed: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """(B,) mean squared error per image."""
-    return F.mse_loss(reformed, clean, reduction="none").flatten(1).mean(dim=1)

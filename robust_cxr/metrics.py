@@ -249,12 +249,17 @@ class SegmentationRobustness(PerImageScoreSums):
 PSNR_CEILING = 100.0  # dB: the PSNR of an image equal to its reference (infinite) counts as this
 
 
+def per_image_psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image (B,) of images (B, C, H, W) in [0, 1] against references of the same shape (data range 1)."""
+    return peak_signal_noise_ratio(images, references, data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
 def psnr_and_ssim(images: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image PSNR in dB and SSIM (B,) float64 of images (B, C, H, W) in [0, 1] against references of the same
     shape: torchmetrics' `peak_signal_noise_ratio` and `structural_similarity_index_measure` (data range 1, Gaussian
     window 11 px, sigma 1.5), PSNR capped at `PSNR_CEILING`."""
     images, references = images.float(), references.float()
-    psnr = peak_signal_noise_ratio(images, references, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    psnr = per_image_psnr(images, references)
     ssim = structural_similarity_index_measure(images, references, data_range=1.0, reduction="none")
     return psnr.double().clamp(max=PSNR_CEILING), ssim.double()
 

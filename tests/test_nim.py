@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import CONFIGS, TINY_UNET, TINY_VIT, run_train, shrink_config
 from lightning_modules import NoisyImageModeling, PurifyThenFinetune, TeacherClassifier
-from lightning_modules.purifier import psnr
+from robust_cxr.metrics import per_image_psnr
 from robust_cxr.nim import DE3_NOISE, NIMPurifier, NoiseScale, NoisyImageModel, patchify, unpatchify
 from robust_cxr.purification import PurifiedClassifier, Purifier, load_purifier
 
@@ -116,9 +116,9 @@ def test_reconstruction_improves_on_a_fixed_batch():
 
     def reconstruction_psnr() -> float:
         with torch.no_grad():
-            return psnr(model(noisy, sigma).clamp(0, 1), clean).mean().item()
+            return per_image_psnr(model(noisy, sigma).clamp(0, 1), clean).mean().item()
 
-    before, noisy_psnr = reconstruction_psnr(), psnr(noisy.clamp(0, 1), clean).mean().item()
+    before, noisy_psnr = reconstruction_psnr(), per_image_psnr(noisy.clamp(0, 1), clean).mean().item()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     noise = NoiseScale.from_spec(DE3_NOISE)
     for step in range(150):
