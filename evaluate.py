@@ -95,6 +95,8 @@ def build_parser() -> LightningArgumentParser:
     parser.add_argument("--seed", type=int | None, default=None, help="the attacks' seed (default: the run's adversarial.seed)")
     parser.add_argument("--worst_case", type=bool, default=True, help="a worst-case row per subject over the suite")
     parser.add_argument("--grid_images", type=int, default=8, help="images in adversarial_examples.png")
+    parser.add_argument("--subjects", type=list[str] | None, default=None,
+                        help="report subjects to attack, e.g. '[teacher_finetuned+purifier]' (default: all the stage reports)")
     parser.add_class_arguments(ChestXRayDataModule, "data")
     parser.add_class_arguments(L.Trainer, "trainer")
     parser.set_defaults({"trainer.logger": False, "trainer.enable_checkpointing": False, "trainer.enable_model_summary": False,
@@ -173,6 +175,7 @@ def main(args: list[str] | None = None) -> list[dict]:
     callback = AdversarialExampleCallback(
         attacks=attacks, test_max_images=options.max_images, grid_images=options.grid_images, seed=seed,
         worst_case=options.worst_case, batch_results_dir=str(output_dir / BATCHES_FOLDER), progress=True,
+        subjects=options.subjects,
     )
     trainer: L.Trainer = instantiated.trainer
     trainer.callbacks.append(callback)

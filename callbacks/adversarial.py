@@ -85,6 +85,7 @@ class AdversarialExampleCallback(Callback):
         batch_results_dir: at test, save each finished batch's counts there (per rank and batch index) and, on a re-run
             with the same settings and number of ranks, load them instead of attacking those batches again.
         progress: at test, log images evaluated / total, elapsed time and ETA after each attacked batch (rank 0).
+        subjects: keys of the module's robustness subjects to attack (e.g. ``teacher_finetuned+purifier``); None: all.
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class AdversarialExampleCallback(Callback):
         worst_case: bool = False,
         batch_results_dir: str | None = None,
         progress: bool = False,
+        subjects: list[str] | None = None,
     ):
         if not 0.0 <= train_fraction <= 1.0:
             raise ValueError(f"train_fraction must lie in [0, 1], got {train_fraction}.")
@@ -134,6 +136,7 @@ class AdversarialExampleCallback(Callback):
         self.worst_case = worst_case
         self.batch_results_dir = batch_results_dir
         self.progress = progress
+        self.subjects = subjects
         self._journal: BatchJournal | None = None
         self._progress: EvaluationProgress | None = None
         self._counts: dict[tuple[str, str], Metric] = {}
@@ -239,7 +242,7 @@ class AdversarialExampleCallback(Callback):
         self._journal = self._progress = None
         if not active or not self.attacks:
             return
-        self._subjects = pl_module.robustness_subjects()
+        self._subjects = _chosen_subjects(pl_module.robustness_subjects(), self.subjects)
         self._counts, self._detections = self._new_counters(pl_module)
         skipped = [s.label for s in self.attacks if all((subj.key, s.label) not in self._counts for subj in self._subjects)]
         if skipped:
@@ -465,6 +468,16 @@ def _batch_hook_owner(trainer: L.Trainer, pl_module: L.LightningModule) -> L.Lig
 
 
 WORST_CASE = "worst_case"  # the attack name of the worst-case rows
+
+
+def _chosen_subjects(subjects: list[DefendedModel], keys: list[str] | None) -> list[DefendedModel]:
+    """The `subjects` whose key is in `keys` (all for None); ValueError naming the available keys for an unknown one."""
+    if keys is None:
+        return subjects
+    unknown = sorted(set(keys) - {subject.key for subject in subjects})
+    if unknown:
+        raise ValueError(f"Subjects {unknown} are not among this stage's robustness subjects {[s.key for s in subjects]}: pick from those.")
+    return [subject for subject in subjects if subject.key in keys]
 
 
 def _images_to_evaluate(trainer: L.Trainer, max_images: int | None) -> int:

@@ -16,6 +16,7 @@ from callbacks.adversarial import WORST_CASE
 from callbacks.evaluation_journal import BatchJournal
 from robust_cxr.metrics import RobustnessCounts, SegmentationRobustness
 from robust_cxr.tasks import ClassificationTask, SegmentationTask
+from robust_cxr.threat import DefendedModel
 
 CHECKPOINT = Path(__file__).parent / "data" / "tiny_teacher.ckpt"  # TeacherClassifier (timm test_resnet), 64 px, 600 phantoms
 SUITE = [
@@ -125,6 +126,17 @@ def test_bad_inputs_are_errors_that_say_what_to_do(tmp_path):
         evaluate.main([str(CHECKPOINT), "--suite", str(suite)])
     with pytest.raises(ValueError, match="trained on other data"):
         evaluate.main([str(CHECKPOINT), "--suite", "strong", "--data.image_size", "32", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match=r"Subjects \['student'\] are not among this stage's robustness subjects \['teacher'\]"):
+        _evaluate(tmp_path, "y", "--subjects", "[student]")
+
+
+def test_subjects_keeps_the_subjects_named_in_the_stage_order():
+    model = torch.nn.Identity()
+    subjects = [DefendedModel("teacher", "none", model, model), DefendedModel("teacher", "purifier/ddim-1@t100", model, model),
+                DefendedModel("teacher_finetuned", "purifier/ddim-1@t100", model, model)]
+    chosen = callbacks.adversarial._chosen_subjects(subjects, ["teacher_finetuned+purifier", "teacher"])
+    assert [subject.key for subject in chosen] == ["teacher", "teacher_finetuned+purifier"]
+    assert callbacks.adversarial._chosen_subjects(subjects, None) == subjects
 
 
 def test_the_strong_suite_parses():
