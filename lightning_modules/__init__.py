@@ -7,7 +7,8 @@ from lightning_modules.purifier import DiffusionPurifier
 from lightning_modules.purify_finetune import PurifyThenFinetune, PurifyThenFinetuneRestorer
 from lightning_modules.restorer import Restorer
 from lightning_modules.segmenter import LungSegmenter
+from lightning_modules.sevit import SelfEnsembleViT
 from lightning_modules.student import DistilledStudent
 from lightning_modules.teacher import TeacherClassifier
 
-__all__ = ["AdversarialDetector", "AdversarialReformer", "DiffusionPurifier", "DistilledStudent", "ImageClassifierModule", "LungSegmenter", "NoisyImageModeling", "PurifyThenFinetune", "PurifyThenFinetuneRestorer", "Restorer", "TeacherClassifier"]
+__all__ = ["AdversarialDetector", "AdversarialReformer", "DiffusionPurifier", "DistilledStudent", "ImageClassifierModule", "LungSegmenter", "NoisyImageModeling", "PurifyThenFinetune", "PurifyThenFinetuneRestorer", "Restorer", "SelfEnsembleViT", "TeacherClassifier"]

@@ -153,7 +153,7 @@ class ImageClassifierModule(StageModule):
             return
         logits, labels = self.val_outputs.compute()
         self.val_outputs.reset()
-        if self.hparams.target_sensitivity is not None:
+        if self.hparams.get("target_sensitivity") is not None:  # stages without the option decide by argmax
             margins = logits[:, 1] - logits[:, 0]
             self.operating_point.set_margin_threshold(margin_threshold_for_sensitivity(margins, labels, self.hparams.target_sensitivity))
         values = self.val_metrics(class_scores(self.operating_point(logits)), labels)  # gathered already: no second sync
@@ -221,3 +221,13 @@ def load_classifier_module(
             f"{class_names} ({num_classes}); use a checkpoint trained on this data, or the data it was trained on."
         )
     return module
+
+
+def check_teacher_input(teacher_hparams: dict, teacher_ckpt: str, in_chans: int, image_size: int) -> None:
+    """Raises ValueError when the teacher was trained on images of other channels or side than the data's."""
+    teacher_input = (teacher_hparams.get("in_chans", in_chans), teacher_hparams.get("image_size", image_size))
+    if teacher_input != (in_chans, image_size):
+        raise ValueError(
+            f"The teacher {teacher_ckpt} takes {teacher_input[0]}-channel {teacher_input[1]} px images, the data are "
+            f"{in_chans}-channel {image_size} px. Set --data.channels and --data.image_size to the teacher's."
+        )

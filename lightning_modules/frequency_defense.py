@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.optimization import adamw_warmup_cosine
-from lightning_modules.stage import StageModule, load_stage_module
-from robust_cxr.frequency import DetectThenReform, FrequencyDetector, FrequencyRepresentation, Reformer, threshold_for_false_positive_rate
+from lightning_modules.stage import StageModule, calibrate_detector_threshold, load_stage_module
+from robust_cxr.frequency import DetectThenReform, FrequencyDetector, FrequencyRepresentation, Reformer
 from robust_cxr.attacks import summed_cross_entropy
 from robust_cxr.metrics import LogitsAndLabels
 from robust_cxr.tasks import Task, per_image_mse
@@ -141,12 +141,7 @@ class AdversarialDetector(TargetDefenseStage):
 
     def on_validation_epoch_end(self) -> None:
         """Sets the threshold for `false_positive_rate` from the epoch's clean validation scores (all ranks)."""
-        if self.val_clean_scores.update_count == 0:
-            return
-        scores, _ = self.val_clean_scores.compute()
-        self.val_clean_scores.reset()
-        self.model.threshold.fill_(threshold_for_false_positive_rate(scores[:, 0], self.hparams.false_positive_rate))
-        self.log("val/threshold", self.model.threshold, sync_dist=True)
+        calibrate_detector_threshold(self, self.val_clean_scores, self.model.threshold, self.hparams.false_positive_rate, "val/threshold")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.log("test/false_positive_rate", self.model.flagged(batch["image"]).float().mean(), sync_dist=True)

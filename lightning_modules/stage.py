@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from robust_cxr.metrics import LogitsAndLabels, threshold_for_false_positive_rate
+
 
 class StageModule(L.LightningModule):
     """A LightningModule whose checkpoints record their class (``module_class``), so `load_stage_module` rebuilds any
@@ -71,6 +73,19 @@ class ExportingDenoiserStage(StageModule):
             directory = Path(self.trainer.default_root_dir) / self.hparams.export_dir
             self.export(directory)
             rank_zero_info(f"Exported {type(self).__name__}'s denoiser to {directory}")
+
+
+def calibrate_detector_threshold(stage: L.LightningModule, clean_scores: LogitsAndLabels, threshold: torch.Tensor,
+                                 false_positive_rate: float, name: str) -> None:
+    """At a validation epoch's end: sets the 0-d `threshold` buffer to the score that at most `false_positive_rate` of
+    the epoch's clean validation scores (N, 1) in `clean_scores` (gathered over ranks) exceed, resets them and logs the
+    threshold as `name`. Does nothing when no scores were collected."""
+    if clean_scores.update_count == 0:
+        return
+    scores, _ = clean_scores.compute()
+    clean_scores.reset()
+    threshold.fill_(threshold_for_false_positive_rate(scores[:, 0], false_positive_rate))
+    stage.log(name, threshold, sync_dist=True)
 
 
 def load_stage_module(checkpoint_path: str | Path, made_by: str, kind: type[StageModule] = StageModule, kind_name: str = "robust-cxr") -> StageModule:

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier_module
+from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, check_teacher_input, load_classifier_module
 from robust_cxr.attacks import LossFn, trades_kl_loss
 from robust_cxr.costs import model_costs, write_model_costs
 from robust_cxr.distillation import ard_loss, check_distillation_settings, kd_loss, rslad_loss
@@ -76,7 +76,7 @@ class DistilledStudent(ImageClassifierModule):
         self.save_hyperparameters()
         self.model = create_student_classifier(student_name, num_classes, in_chans, image_size, **(student_kwargs or {}))
         teacher = load_classifier_module(teacher_ckpt, TEACHER_COMMAND, num_classes, class_names)
-        _check_teacher_input(teacher.hparams, teacher_ckpt, in_chans, image_size)
+        check_teacher_input(teacher.hparams, teacher_ckpt, in_chans, image_size)
         if distill_purified and purifier_dir is None:
             raise ValueError("distill_purified=True needs purifier_dir, the purifier stage's export (runs/purifier/export).")
         self.register_frozen_teacher(teacher)
@@ -160,13 +160,3 @@ class DistilledStudent(ImageClassifierModule):
         image_shape = (self.hparams.in_chans, self.hparams.image_size, self.hparams.image_size)
         path = write_model_costs(model_costs(models, image_shape, self.device), self.trainer.default_root_dir, self.device)
         rank_zero_info(f"Model costs: {path}")
-
-
-def _check_teacher_input(teacher_hparams: dict, teacher_ckpt: str, in_chans: int, image_size: int) -> None:
-    """Raises ValueError when the teacher was trained on images of other channels or side than the data's."""
-    teacher_input = (teacher_hparams.get("in_chans", in_chans), teacher_hparams.get("image_size", image_size))
-    if teacher_input != (in_chans, image_size):
-        raise ValueError(
-            f"The teacher {teacher_ckpt} takes {teacher_input[0]}-channel {teacher_input[1]} px images, the data are "
-            f"{in_chans}-channel {image_size} px. Set --data.channels and --data.image_size to the teacher's."
-        )

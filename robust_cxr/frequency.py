@@ -92,15 +92,6 @@ class FrequencyDetector(nn.Module):
         return self(images) > self.threshold
 
 
-def threshold_for_false_positive_rate(clean_scores: torch.Tensor, false_positive_rate: float) -> float:
-    """The lowest threshold t with at most `false_positive_rate` of `clean_scores` (N,) above it (score > t flags)."""
-    if not 0.0 <= false_positive_rate < 1.0:
-        raise ValueError(f"false_positive_rate must lie in [0, 1), got {false_positive_rate}.")
-    ordered = clean_scores.float().sort(descending=True).values
-    allowed = math.floor(false_positive_rate * len(ordered) + 1e-9)  # clean images that may lie above the threshold
-    return float(ordered[allowed]) if allowed < len(ordered) else float(ordered[-1]) - 1.0
-
-
 class Reformer(nn.Module):
     """Image-to-image network that maps inputs back toward clean images: (B, C, H, W) in [0, 1] -> same, in [0, 1].
 

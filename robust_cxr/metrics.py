@@ -307,3 +307,12 @@ class DetectionScores(Metric):
         labels = torch.cat([torch.zeros_like(clean), torch.ones_like(adversarial)]).long()
         auroc = binary_auroc(torch.cat([clean, adversarial]), labels).item()
         return {"auroc": auroc, "tpr": (adversarial > threshold).float().mean().item(), "fpr": fpr, "n": len(clean)}
+
+
+def threshold_for_false_positive_rate(clean_scores: torch.Tensor, false_positive_rate: float) -> float:
+    """The lowest threshold t with at most `false_positive_rate` of `clean_scores` (N,) above it (score > t flags)."""
+    if not 0.0 <= false_positive_rate < 1.0:
+        raise ValueError(f"false_positive_rate must lie in [0, 1), got {false_positive_rate}.")
+    ordered = clean_scores.float().sort(descending=True).values
+    allowed = math.floor(false_positive_rate * len(ordered) + 1e-9)  # clean images that may lie above the threshold
+    return float(ordered[allowed]) if allowed < len(ordered) else float(ordered[-1]) - 1.0

@@ -26,8 +26,12 @@ class NormalizedModel(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images (B, C, H, W) -> the backbone's normalized input (B, C, H, W)."""
+        return (images - self.mean) / self.std
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone((images - self.mean) / self.std)
+        return self.backbone(self.normalize(images))
 
 
 def create_timm_classifier(

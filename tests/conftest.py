@@ -78,6 +78,22 @@ def run_train(config: Path, run_dir: Path, *overrides: str) -> dict[str, float]:
     return main(["--config", str(config), "--run_dir", str(run_dir), *overrides])
 
 
+def train_stages_in(directory: Path, stages: dict[str, list[str]], **shrink: object) -> dict[str, dict[str, float]]:
+    """Runs `train.main` on a `shrink_config` copy (keyword arguments: its settings) of each config named in `stages`
+    (``teacher`` -> configs/teacher.yaml), in order, with `directory` as the working directory and no --run_dir, so that
+    each stage finds the earlier ones by its config's default paths; each with its extra CLI arguments. Returns each
+    stage's test metrics."""
+    from train import main
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(directory)
+    try:
+        return {stage: main(["--config", str(shrink_config(CONFIGS / f"{stage}.yaml", directory, **shrink)), *arguments])
+                for stage, arguments in stages.items()}
+    finally:
+        monkeypatch.undo()
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory) -> Path:
     """The run directory of the default teacher trained briefly on 1200 phantoms, its attack suite unchanged."""

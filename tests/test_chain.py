@@ -10,10 +10,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from conftest import CONFIGS, TINY_SUBSET, TINY_UNET, shrink_config
+from conftest import TINY_SUBSET, TINY_UNET, train_stages_in
 from lightning_modules import DiffusionPurifier, PurifyThenFinetune
 from robust_cxr.purification import Purifier
-from train import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -22,16 +21,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def chain(tmp_path_factory) -> dict:
     """Teacher, purifier, purify-then-fine-tune and student run in one working directory with their configs' default paths."""
     directory = tmp_path_factory.mktemp("chain")
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.chdir(directory)
-    try:
-        metrics = {}
-        for stage, epochs in (("teacher", 4), ("purifier", 2), ("purify_finetune", 1), ("distill", 1)):
-            config = shrink_config(CONFIGS / f"{stage}.yaml", directory, max_steps=2, synthetic_samples=320)
-            # No --run_dir: each config's own run_dir, so each stage finds the previous one by its defaults.
-            metrics[stage] = main(["--config", str(config), "--trainer.max_epochs", str(epochs)])
-    finally:
-        monkeypatch.undo()
+    epochs = {"teacher": 4, "purifier": 2, "purify_finetune": 1, "distill": 1}
+    metrics = train_stages_in(directory, {stage: ["--trainer.max_epochs", str(n)] for stage, n in epochs.items()},
+                              max_steps=2, synthetic_samples=320)
     return {"runs": directory / "runs", "metrics": metrics}
 
 

@@ -17,7 +17,8 @@ from lightning_modules import AdversarialDetector, AdversarialReformer, LungSegm
 from lightning_modules.frequency_defense import _load_detector
 from lightning_modules.stage import load_stage_module
 from robust_cxr.attacks import AttackSpec, craft_adversarial
-from robust_cxr.frequency import DetectThenReform, FrequencyDetector, Reformer, dct_matrix, frequency_features, threshold_for_false_positive_rate
+from robust_cxr.frequency import DetectThenReform, FrequencyDetector, Reformer, dct_matrix, frequency_features
+from robust_cxr.metrics import threshold_for_false_positive_rate
 from robust_cxr.tasks import ClassificationTask, SegmentationTask
 from robust_cxr.threat import DefendedModel
 
