@@ -11,7 +11,8 @@ classifier alone and behind the purifier at each strength of `--strengths` (the 
 over the export's defaults): clean accuracy, and robust accuracy (right clean and attacked) under `--attack`, crafted
 through the purifier (white-box, exact gradients, EOT) or, with ``threat_model: graybox``, on the classifier alone.
 It selects the strength with the highest robust `--metric` among those whose clean `--metric` stays within
-`--max_clean_drop` of the classifier alone (ties: the smaller strength), writes `strength_frontier.{json,png}` to
+`--max_clean_drop` of the classifier alone (ties: the smaller strength), or with `--criterion fid` the one of lowest FID
+between the classifier's pooled features of the purified adversarial images and of clean training images (UAD-RS), writes `strength_frontier.{json,png}` to
 `--output_dir` (default: the purifier export) and, unless `--write_selection false`, the chosen settings to the export's
 `purifier_settings.json`, which `load_purifier` (purify-then-fine-tune, the student) then uses unless told otherwise.
 """
@@ -33,7 +34,7 @@ from lightning_modules.classifier import load_classifier_module  # noqa: E402
 from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.purification import purifier_class, write_default_settings  # noqa: E402
-from robust_cxr.strength import SelectionMetric, select_strength, strength_frontier, stratified_images  # noqa: E402
+from robust_cxr.strength import Criterion, SelectionMetric, select_strength, strength_frontier, stratified_images  # noqa: E402
 
 DEFAULT_STRENGTHS = {"t_star": [25, 50, 75, 100, 125, 150, 200], "sigma": [level / 255 for level in (25, 50, 75, 100, 125, 150)]}
 FRONTIER_FILE = "strength_frontier.json"  # the PNG goes beside it
@@ -53,6 +54,9 @@ def build_parser() -> LightningArgumentParser:
     parser.add_argument("--max_clean_drop", type=float, default=0.03, help="allowed drop of clean --metric below the classifier alone")
     parser.add_argument("--metric", type=SelectionMetric, default="balanced_acc",
                         help="balanced_acc (mean per-class recall, robust to class imbalance) or acc")
+    parser.add_argument("--criterion", type=Criterion, default="clean_drop",
+                        help="clean_drop: the most robust within --max_clean_drop; fid: UAD-RS, the lowest FID of the classifier's "
+                             "pooled features of the purified adversarial images against --max_images clean training images")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="purifier noise of batch i: seed + i; attack starts keyed by image")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -63,8 +67,8 @@ def build_parser() -> LightningArgumentParser:
 
 
 def plot_frontier(frontier: dict, path: Path) -> None:
-    """Clean and robust `metric` against strength, the classifier alone's clean level, the allowed-drop line and the
-    selected strength, as a PNG at `path`."""
+    """Clean and robust `metric` against strength, the classifier alone's clean level, the allowed-drop line (and the FID,
+    for that criterion) and the selected strength, as a PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,8 +82,14 @@ def plot_frontier(frontier: dict, path: Path) -> None:
     axis.plot(strengths, [row[f"robust_{metric}"] for row in rows], marker="s", label=f"robust {metric} ({attack})")
     reference = frontier["undefended"][f"clean_{metric}"]
     axis.axhline(reference, color="gray", linestyle="--", label=f"classifier alone, clean ({reference:.3f})")
-    axis.axhline(reference - frontier["max_clean_drop"], color="red", linestyle=":", label=f"allowed drop ({frontier['max_clean_drop']})")
+    if frontier["criterion"] == "clean_drop":
+        axis.axhline(reference - frontier["max_clean_drop"], color="red", linestyle=":", label=f"allowed drop ({frontier['max_clean_drop']})")
     axis.axhline(frontier["undefended"][f"robust_{metric}"], color="gray", linestyle="-.", label="classifier alone, attacked")
+    if frontier["criterion"] == "fid":
+        fid_axis = axis.twinx()
+        fid_axis.plot(strengths, [row["fid"] for row in rows], marker="^", color="purple", label="FID to clean training images")
+        fid_axis.set_ylabel("FID (classifier's pooled features)")
+        fid_axis.legend(fontsize=7, loc="upper center")
     if chosen is not None:
         axis.scatter([chosen["strength"]] * 2, [chosen[f"clean_{metric}"], chosen[f"robust_{metric}"]], s=160, facecolors="none",
                      edgecolors="black", zorder=3, label=f"selected {frontier['strength_name']} = {chosen['strength']:g}")
@@ -112,19 +122,20 @@ def main(args: list[str] | None = None) -> dict:
     purifier_dir = Path(options.purifier_dir)
     strengths = options.strengths or DEFAULT_STRENGTHS[purifier_class(purifier_dir).strength_name]
     attack: AttackSpec = instantiated.attack
+    reference = stratified_images(data.datasets["train"], options.max_images)[0].to(device) if options.criterion == "fid" else None
     frontier = strength_frontier(classifier, purifier_dir, sorted(strengths), options.settings, attack, images, labels, keys,
-                                 options.batch_size, options.seed, data.num_classes)
+                                 options.batch_size, options.seed, data.num_classes, reference)
     frontier.update(
         classifier=str(checkpoint.resolve()), classifier_sha256=file_sha256(checkpoint), purifier_dir=str(purifier_dir.resolve()),
         split="val", images=len(images), attack=attack.label, threat_model=attack.threat_model, eps=attack.eps,
-        eot_samples=attack.eot_samples, metric=options.metric, max_clean_drop=options.max_clean_drop, criterion="clean_drop",
+        eot_samples=attack.eot_samples, metric=options.metric, max_clean_drop=options.max_clean_drop, criterion=options.criterion,
         seed=options.seed, selected=None,
     )
     output_dir = Path(options.output_dir or purifier_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         frontier["selected"] = select_strength(frontier["rows"], frontier["undefended"][f"clean_{options.metric}"],
-                                               options.max_clean_drop, options.metric)
+                                               options.max_clean_drop, options.metric, options.criterion)
     finally:  # the frontier is worth keeping when nothing qualifies
         (output_dir / FRONTIER_FILE).write_text(json.dumps(frontier, indent=2) + "\n")
         plot_frontier(frontier, (output_dir / FRONTIER_FILE).with_suffix(".png"))

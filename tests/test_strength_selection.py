@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 import select_strength
 from lightning_modules import DiffusionPurifier, PurifyThenFinetune
 from robust_cxr.purification import DEFAULT_SETTINGS_FILE, Purifier, load_purifier, write_default_settings
-from robust_cxr.strength import clean_and_robust, select_strength as choose
+from robust_cxr.strength import clean_and_robust, frechet_distance, pooled_features, select_strength as choose
 from conftest import TINY_UNET
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -49,6 +49,29 @@ def test_clean_and_robust_takes_an_attack_or_adversarial_images_not_both():
         clean_and_robust(torch.nn.Flatten(), images, labels, torch.arange(2), 2, 0, 2)
 
 
+def test_the_fid_criterion_takes_the_lowest_fid_whatever_the_accuracies():
+    rows = [dict(row, fid=fid) for row, fid in zip(ROWS, [9.0, 4.0, 2.0, 2.0, 7.0])]
+    assert choose(rows, undefended_clean=0.99, max_clean_drop=0.0, metric="acc", criterion="fid")["strength"] == 75
+
+
+def test_frechet_distance_of_gaussians_is_the_closed_form():
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randn(40_000, 3, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0])
+    second = torch.randn(40_000, 3, generator=generator, dtype=torch.float64) * torch.tensor([2.0, 2.0, 1.0]) + torch.tensor([1.0, 0, 0])
+    # diagonal covariances: |mu_1 - mu_2|^2 + sum_i (s_1i - s_2i)^2 = 1 + 1 + 0 + 4
+    assert frechet_distance(first, second) == pytest.approx(6.0, abs=0.15)
+    assert frechet_distance(first, first) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pooled_features_are_the_input_of_the_last_linear_layer():
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    images = torch.rand(5, 1, 2, 2)
+    expected = classifier[:3](images).double()
+    assert torch.allclose(pooled_features(classifier, classifier, images, batch_size=2, seed=0), expected)
+    with pytest.raises(ValueError, match="no linear head"):
+        pooled_features(torch.nn.Flatten(), torch.nn.Flatten(), images, batch_size=2, seed=0)
+
+
 @pytest.fixture
 def purifier_dir(tmp_path) -> Path:
     """An untrained tiny diffusion purifier export at 64 px, with default settings as the purifier stage writes them."""
@@ -82,6 +105,17 @@ def test_the_selected_strength_obeys_its_clean_accuracy_constraint_on_validation
     assert record["selection"]["classifier"] == str(CHECKPOINT.resolve()) and record["selection"]["selected"] == chosen
     assert load_purifier(purifier_dir).t_star == chosen["strength"]
     assert load_purifier(purifier_dir, t_star=40, steps=2).label == "ddim-2@t40"  # explicit settings override the selection
+
+
+def test_the_fid_criterion_measures_every_strength_and_only_measures_without_write_selection(purifier_dir, tmp_path):
+    before = (purifier_dir / DEFAULT_SETTINGS_FILE).read_text()
+    frontier = select_strength.main([str(CHECKPOINT), "--purifier_dir", str(purifier_dir), "--strengths", "[0, 60]", "--max_images", "16",
+                                     "--attack", "{method: fgsm, eps: 0.03}", "--criterion", "fid", "--write_selection", "false",
+                                     "--output_dir", str(tmp_path)])
+    fids = [row["fid"] for row in frontier["rows"]]
+    assert all(fid >= 0 for fid in fids) and fids[0] != fids[1]
+    assert frontier["selected"]["fid"] == min(fids) and frontier["criterion"] == "fid"
+    assert (purifier_dir / DEFAULT_SETTINGS_FILE).read_text() == before
 
 
 def test_a_selection_that_nothing_passes_keeps_the_frontier_and_leaves_the_export_alone(purifier_dir, tmp_path):
