@@ -50,20 +50,9 @@ from torch import nn  # noqa: E402
 
 from datamodules import ChestXRayDataModule  # noqa: E402
 from lightning_modules.classifier import TEACHER_COMMAND, load_classifier_module  # noqa: E402
-from robust_cxr.attacks import AttackSpec, craft_adversarial  # noqa: E402
+from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.purification import PurifiedClassifier, load_purifier  # noqa: E402
-
-
-def seeded_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
-    """(N,) bool: `model`'s argmax is right for images (N, C, H, W) in [0, 1] with labels (N,). Batch i runs on the global
-    RNG seeded with seed + i, so two calls on images of the same positions draw the same purifier noise."""
-    correct = []
-    with torch.no_grad():
-        for index, (batch, batch_labels) in enumerate(zip(images.split(batch_size), labels.split(batch_size))):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + index)
-                correct.append(model(batch).argmax(dim=1) == batch_labels)
-    return torch.cat(correct)
+from robust_cxr.strength import accuracy, balanced_accuracy, clean_and_robust, craft, seeded_correct, stratified_images  # noqa: E402
 
 
 def ms_per_image(models: list[nn.Module], images: torch.Tensor, rounds: int) -> list[float]:
@@ -80,18 +69,6 @@ def ms_per_image(models: list[nn.Module], images: torch.Tensor, rounds: int) -> 
     return [statistics.median(model_timings) for model_timings in timings]
 
 
-def craft(spec: AttackSpec, source: nn.Module, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, batch_size: int,
-          seed: int, num_classes: int) -> torch.Tensor:
-    """Adversarial images (N, C, H, W) crafted on `source` batch by batch; random starts keyed by dataset index, EOT
-    draws from the global RNG seeded per batch."""
-    adversarial = []
-    for index, (x, y, k) in enumerate(zip(images.split(batch_size), labels.split(batch_size), keys.split(batch_size))):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 10_000 + index)
-            adversarial.append(craft_adversarial(spec, source, x, y, num_classes=num_classes, keys=k, seed=seed))
-    return torch.cat(adversarial)
-
-
 def noise_level(purifier: nn.Module) -> float:
     """The std, in [0, 1] pixel units, of the noise the purifier adds: sigma (NIM, fixed), or the noise of x_t* relative to
     the image for diffusion, sqrt(1 - abar_t*) / (2 sqrt(abar_t*)) (x_t* = sqrt(abar) (2x - 1) + sqrt(1 - abar) noise)."""
@@ -99,18 +76,6 @@ def noise_level(purifier: nn.Module) -> float:
         return purifier.noise.mean
     abar = purifier.scheduler.alphas_cumprod[purifier.t_star].item()
     return (1 - abar) ** 0.5 / (2 * abar**0.5)
-
-
-def accuracy(correct: torch.Tensor) -> tuple[float, float]:
-    """Mean of a (N,) bool vector and its binomial standard error."""
-    mean = correct.float().mean().item()
-    return mean, (mean * (1 - mean) / len(correct)) ** 0.5
-
-
-def balanced_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> float:
-    """The mean over the classes present in labels (N,) of the share of their images with `correct` (N,) bool: 0.5 for
-    a binary classifier that answers one class whatever the image, where plain accuracy reads that class's share."""
-    return torch.stack([correct[labels == label].float().mean() for label in labels.unique()]).mean().item()
 
 
 def plot(results: dict, path: Path) -> None:
@@ -223,10 +188,8 @@ def main() -> None:
     if data.num_classes != teacher_stage.hparams.num_classes:
         raise ValueError(f"The teacher has {teacher_stage.hparams.num_classes} classes, the data {data.num_classes}: pass the teacher's data.")
     data.setup("test")
-    test_set = data.datasets["test"]
-    count = min(args.max_images or len(test_set), len(test_set))
-    batch = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(count)), batch_size=count)))
-    images, labels, keys = batch["image"], batch["label"], batch["index"]
+    images, labels, keys = stratified_images(data.datasets["test"], args.max_images)
+    count = len(images)
     white = min(args.whitebox_images, count)
     attack = AttackSpec(method="pgd", eps=args.eps, steps=args.attack_steps)
     whitebox_attack = AttackSpec(method="pgd", eps=args.eps, steps=args.attack_steps, eot_samples=args.eot_samples)
@@ -265,12 +228,11 @@ def main() -> None:
         for repeats in args.diffusion_repeats if kind == "diffusion" else args.nim_repeats:
             defended = PurifiedClassifier(purifier, teacher, n_repeats=repeats)
             batch_size = max(1, size // repeats)  # the purifier runs on batches of about --batch-size images
-            clean = seeded_correct(defended, images, labels, batch_size, args.seed)
-            robust_gray = clean & seeded_correct(defended, graybox, labels, batch_size, args.seed)
+            clean, robust_gray = clean_and_robust(defended, images, labels, keys, batch_size, args.seed, classes, adversarial=graybox)
             attack_start = time.perf_counter()
-            whitebox = craft(whitebox_attack, defended, images[:white], labels[:white], keys[:white], batch_size, args.seed, classes)
+            _, robust_white = clean_and_robust(defended, images[:white], labels[:white], keys[:white], batch_size, args.seed, classes,
+                                               attack=whitebox_attack)
             attack_seconds = time.perf_counter() - attack_start
-            robust_white = clean[:white] & seeded_correct(defended, whitebox, labels[:white], batch_size, args.seed)
             row = dict(
                 kind=kind, family=family + (f" x{repeats}" if repeats > 1 else ""), label=purifier.label, strength=strength,
                 strength_label=strength_label, noise_level_255=255 * noise_level(purifier), n_repeats=repeats,

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from lightning_modules.optimization import adamw_warmup_cosine
 from lightning_modules.stage import ExportingDenoiserStage
 from robust_cxr.metrics import per_image_psnr
-from robust_cxr.purification import PurificationMethod, Purifier, load_unet
+from robust_cxr.purification import PurificationMethod, Purifier, load_unet, write_default_settings
 
 DEFAULT_UNET = dict(
     block_out_channels=(16, 32, 64),
@@ -35,7 +35,8 @@ class DiffusionPurifier(ExportingDenoiserStage):
     of clean images purified at `t_star` against the originals (with ``{stage}/psnr_noisy`` of x_t* itself
     for comparison). At the end of `fit`, the EMA UNet and the scheduler are exported with diffusers'
     `save_pretrained` to ``<run dir>/<export_dir>`` (``unet/``, ``scheduler/``), which
-    `Purifier.from_pretrained` (or plain diffusers) reloads.
+    `Purifier.from_pretrained` (or plain diffusers) reloads, with `t_star`, `method` and `steps` as the export's default
+    settings (``purifier_settings.json``, read by `load_purifier`).
 
     Args:
         num_classes, class_names: linked from the DataModule by the CLI; unused (the DDPM is unconditional).
@@ -129,8 +130,11 @@ class DiffusionPurifier(ExportingDenoiserStage):
         metrics["psnr_noisy"].update(per_image_psnr(noisy.clamp(0, 1), images))
 
     def export(self, directory: Path) -> None:
-        """The EMA UNet and the scheduler (diffusers folders ``unet/``, ``scheduler/``)."""
+        """The EMA UNet and the scheduler (diffusers folders ``unet/``, ``scheduler/``), and t_star, method and steps as
+        the export's default settings (`write_default_settings`; a later `select_strength.py` replaces them)."""
         self.purifier().save_pretrained(directory)
+        hp = self.hparams
+        write_default_settings(directory, {"t_star": hp.t_star, "method": hp.method, "steps": hp.steps})
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier_module
 from lightning_modules.restorer import NETWORK_ARGUMENTS, RESTORER_COMMAND, Restorer
 from lightning_modules.stage import StageModule, load_stage_module
-from robust_cxr.purification import PurifiedModel, load_purifier
+from robust_cxr.purification import PurifiedModel, load_purifier, resolve_purifier_settings
 from robust_cxr.threat import DefendedModel
 
 LEGACY_DIFFUSION_SETTINGS = ("t_star", "method", "steps", "eta")  # arguments of their own in checkpoints before issue 16
@@ -43,7 +43,8 @@ class FinetunedBehindPurifier:
         purifier_dir: a purifier export: ``runs/purifier/export`` (diffusion: ``unet/``, ``scheduler/``) or
             ``runs/nim/export`` (NIM: ``config.json``, ``model.safetensors``).
         purifier_settings: the deployed purification, that purifier's own settings: diffusion ``{t_star, method, steps,
-            eta}`` (see `Purifier`), NIM ``{sigma}`` (a number or a noise distribution, see `NIMPurifier`); None: its defaults.
+            eta}`` (see `Purifier`), NIM ``{sigma}`` (a number or a noise distribution, see `NIMPurifier`); those not given
+            come from the export's defaults (`load_purifier`: the strength `select_strength.py` chose, if any).
         n_repeats: purifications per image whose outputs are averaged at deployment.
         train_strength_range: inclusive [low, high] range of the purifier's strength for training batches: t* for
             diffusion (integers, e.g. [50, 100]), sigma in [0, 1] pixel units for NIM (De^3: [0, 0.1176], i.e. 0..30/255);
@@ -66,8 +67,11 @@ class FinetunedBehindPurifier:
         self.start_name, self.start_threshold = baseline.model, baseline.decision_threshold
 
     def register_purifier(self, settings: dict[str, Any] | None) -> None:
-        """Makes the export in `purifier_dir` with `settings`, differentiable (for white-box attacks), ``self.purifier``."""
-        self.register_frozen("purifier", load_purifier(self.hparams.purifier_dir, differentiable=True, **(settings or {})))
+        """Makes the export in `purifier_dir` with `settings` over the export's defaults, differentiable (for white-box
+        attacks), ``self.purifier``; the resolved settings become the `purifier_settings` hyperparameter, so that the
+        checkpoint deploys the purification it was trained with even after the export's defaults change."""
+        self.hparams.purifier_settings = resolve_purifier_settings(self.hparams.purifier_dir, settings)
+        self.register_frozen("purifier", load_purifier(self.hparams.purifier_dir, differentiable=True, **self.hparams.purifier_settings))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The purifier then the fine-tuned model (before any operating point): [0, 1] images (B, C, H, W) -> outputs (B, ...)."""

@@ -13,7 +13,7 @@ from robust_cxr.attacks import LossFn, trades_kl_loss
 from robust_cxr.costs import model_costs, write_model_costs
 from robust_cxr.distillation import ard_loss, check_distillation_settings, kd_loss, rslad_loss
 from robust_cxr.models import create_student_classifier
-from robust_cxr.purification import PurifiedClassifier, load_purifier
+from robust_cxr.purification import PurifiedClassifier, load_purifier, resolve_purifier_settings
 from robust_cxr.threat import DefendedModel
 
 
@@ -37,7 +37,7 @@ class DistilledStudent(ImageClassifierModule):
         distill_purified: the teacher's soft targets come from purified images, so the student distils the
             defended pipeline (purifier then teacher); needs `purifier_dir`. False distils the teacher alone.
         purifier_settings: that purifier's own settings: diffusion ``{t_star, method, steps, eta}`` (see `Purifier`), NIM
-            ``{sigma}`` (see `NIMPurifier`); None: its defaults.
+            ``{sigma}`` (see `NIMPurifier`); those not given come from the export's defaults (`load_purifier`).
         temperature: softmax temperature T > 0 of the soft targets (``none`` and ``ard``; RSLAD uses 1).
         alpha: weight in [0, 1] of the teacher-matching term (on adversarial images for ard / rslad).
         robust_kd: ``none`` (Hinton KD on the training batch), ``ard`` (Goldblum et al. 2020: student
@@ -81,7 +81,8 @@ class DistilledStudent(ImageClassifierModule):
             raise ValueError("distill_purified=True needs purifier_dir, the purifier stage's export (runs/purifier/export).")
         self.register_frozen_teacher(teacher)
         if purifier_dir is not None:
-            self.register_frozen("purifier", load_purifier(purifier_dir, **(purifier_settings or {})))
+            self.hparams.purifier_settings = resolve_purifier_settings(purifier_dir, purifier_settings)  # as deployed now
+            self.register_frozen("purifier", load_purifier(purifier_dir, **self.hparams.purifier_settings))
 
     @property
     def defended_teacher(self) -> PurifiedClassifier:

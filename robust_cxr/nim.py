@@ -306,7 +306,7 @@ class NIMPurifier(nn.Module):
         differentiable: let gradients flow from output to input (white-box attacks); otherwise the defense runs under
             `torch.no_grad()` and returns a detached tensor.
 
-    Its strength, for purify-then-fine-tune's training range, is sigma (`strength_name`, `at_strength`, `draw_strength`).
+    Its strength, for purify-then-fine-tune's training range, is sigma (`strength_name`, `strength`, `at_strength`, `draw_strength`).
     """
 
     strength_name = "sigma"
@@ -332,9 +332,15 @@ class NIMPurifier(nn.Module):
             purified = self.model(noisy, sigma.to(parameter.device, parameter.dtype)).to(images).clamp(0, 1)
         return purified if self.differentiable else purified.detach()
 
-    def at_strength(self, strength: float) -> NIMPurifier:
-        """This defense at a fixed sigma = `strength` (>= 0), not differentiable: what purify-then-fine-tune trains on."""
-        return NIMPurifier(self.model, float(strength))
+    @property
+    def strength(self) -> float:
+        """The mean sigma, the strength `at_strength` sets."""
+        return self.noise.mean
+
+    def at_strength(self, strength: float, differentiable: bool = False) -> NIMPurifier:
+        """This defense at a fixed sigma = `strength` (>= 0); not differentiable by default: what purify-then-fine-tune
+        trains on."""
+        return NIMPurifier(self.model, float(strength), differentiable)
 
     @staticmethod
     def draw_strength(low: float, high: float) -> float:

@@ -11,11 +11,12 @@ UNet is called at timesteps t* down to 1 and the last step lands on its x_0 esti
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import random
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from robust_cxr.nim import NIM_COMMAND, NIMPurifier, read_nim_config
 PurificationMethod = Literal["ddpm", "ddim", "blur"]
 Aggregate = Literal["logits", "vote"]
 PURIFIER_COMMAND = "python train.py --config configs/purifier.yaml"  # what writes runs/purifier/export
+DEFAULT_SETTINGS_FILE = "purifier_settings.json"  # in an export: the settings `load_purifier` uses unless told otherwise
 
 
 class Purifier(nn.Module):
@@ -50,7 +52,7 @@ class Purifier(nn.Module):
             attacks, EOT), checkpointing each step so activations stay about one step's worth. Otherwise
             the purifier runs under `torch.no_grad()` and returns a detached tensor.
 
-    Its strength, for purify-then-fine-tune's training range, is t* (`strength_name`, `at_strength`, `draw_strength`).
+    Its strength, for purify-then-fine-tune's training range, is t* (`strength_name`, `strength`, `at_strength`, `draw_strength`).
     """
 
     strength_name = "t_star"
@@ -98,12 +100,17 @@ class Purifier(nn.Module):
         noise = f"-eta{self.eta}" if self.eta > 0 else ""
         return f"ddim-{self.steps}{noise}@t{self.t_star}"
 
-    def at_strength(self, strength: float) -> "Purifier":
-        """This purifier at t* = round(`strength`) (DDIM steps capped at t*), not differentiable: what purify-then-fine-tune
-        trains on."""
+    @property
+    def strength(self) -> int:
+        """t*, the strength `at_strength` sets."""
+        return self.t_star
+
+    def at_strength(self, strength: float, differentiable: bool = False) -> "Purifier":
+        """This purifier at t* = round(`strength`) (DDIM steps capped at t*); not differentiable by default: what
+        purify-then-fine-tune trains on."""
         t_star = round(strength)
         return Purifier(self.unet, self.scheduler, t_star=t_star, method=self.method, steps=max(1, min(self.steps, t_star)),
-                        eta=self.eta, blur_sigma=self.blur_sigma)
+                        eta=self.eta, blur_sigma=self.blur_sigma, differentiable=differentiable)
 
     @staticmethod
     def draw_strength(low: float, high: float) -> int:
@@ -195,25 +202,55 @@ class Purifier(nn.Module):
         self.scheduler.save_pretrained(directory / "scheduler")
 
 
+def purifier_class(directory: str | Path) -> type[Purifier] | type[NIMPurifier]:
+    """`Purifier` for a diffusion purifier export (``unet/``, ``scheduler/``), `NIMPurifier` for a NIM one (``config.json``,
+    ``model.safetensors``)."""
+    directory = Path(directory)
+    if (directory / "unet").is_dir():
+        return Purifier
+    if read_nim_config(directory) is not None:
+        return NIMPurifier
+    raise FileNotFoundError(
+        f"{directory} holds no exported purifier: neither a diffusion purifier (unet/ and scheduler/, written by "
+        f"`{PURIFIER_COMMAND}` to runs/purifier/export) nor a NIM denoiser (config.json and model.safetensors, written by "
+        f"`{NIM_COMMAND}` to runs/nim/export). Point purifier_dir at one of them."
+    )
+
+
+def read_default_settings(directory: str | Path) -> dict[str, Any]:
+    """The export's `DEFAULT_SETTINGS_FILE` as a dict (``settings``, and ``selection`` once `select_strength.py` chose a
+    strength), or ``{"settings": {}}`` when it has none."""
+    path = Path(directory) / DEFAULT_SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"settings": {}}
+
+
+def write_default_settings(directory: str | Path, settings: dict[str, Any], selection: dict[str, Any] | None = None) -> None:
+    """Writes `settings` (the purifier's own, e.g. ``{t_star: 75, method: ddim, steps: 1}``) as the export's defaults, with
+    the `selection` record that chose them, if any."""
+    record = {"settings": settings, **({"selection": selection} if selection is not None else {})}
+    (Path(directory) / DEFAULT_SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def resolve_purifier_settings(directory: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The export's default settings (`read_default_settings`) overridden by the explicit `settings`; a setting of None
+    (``t_star: null`` in a config, which a sweep's ``--...purifier_settings.t_star=50`` can still override) is not given."""
+    explicit = {name: value for name, value in (settings or {}).items() if value is not None}
+    return {**read_default_settings(directory)["settings"], **explicit}
+
+
 def load_purifier(directory: str | Path, differentiable: bool = False, **settings) -> nn.Module:
     """The purifier exported to `directory`, [0, 1] images (B, C, H, W) -> [0, 1] images (B, C, H, W).
 
     A diffusion purifier stage's export (``unet/``, ``scheduler/``) gives a `Purifier`, a NIM stage's export
     (``config.json``, ``model.safetensors``) a `NIMPurifier`. `settings` are that purifier's own: t_star, method, steps,
     eta, blur_sigma for diffusion; sigma (a number or a noise distribution) for NIM. Both have a strength
-    (`strength_name`: t* or sigma) that `at_strength` sets and `draw_strength` draws from a range.
+    (`strength_name`: t* or sigma) that `at_strength` sets and `draw_strength` draws from a range. Settings not given
+    come from the export's `DEFAULT_SETTINGS_FILE` (the diffusion stage's t_star, method and steps, or the strength
+    `select_strength.py` chose), then from the purifier's own defaults.
     """
     directory = Path(directory)
-    if (directory / "unet").is_dir():
-        kind = Purifier
-    elif read_nim_config(directory) is not None:
-        kind = NIMPurifier
-    else:
-        raise FileNotFoundError(
-            f"{directory} holds no exported purifier: neither a diffusion purifier (unet/ and scheduler/, written by "
-            f"`{PURIFIER_COMMAND}` to runs/purifier/export) nor a NIM denoiser (config.json and model.safetensors, written by "
-            f"`{NIM_COMMAND}` to runs/nim/export). Point purifier_dir at one of them."
-        )
+    kind = purifier_class(directory)
+    settings = resolve_purifier_settings(directory, settings)
     allowed = sorted(set(inspect.signature(kind).parameters) - {"unet", "scheduler", "model", "differentiable"})
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
