@@ -3,6 +3,7 @@
     python evaluate.py runs/purify_finetune --suite configs/eval/strong.yaml     # a run directory, a suite file
     python evaluate.py runs/teacher --suite strong --max_images 256               # a suite name is looked up in configs/eval/
     python evaluate.py runs/student/checkpoints/best.ckpt --attacks '[{method: pgd, eps: 0.01, steps: 50}]'
+    python evaluate.py runs/teacher --eps_curve '[{method: pgd, steps: 10}]' --curve_eps '[0, 1, 2, 4, 8, 16]'   # robustness curves
     python evaluate.py runs/teacher --suite strong --data.root ../shared/data/chest_xray_pneumonia_128 --trainer.devices 2 --trainer.strategy ddp
     python evaluate.py ... --debug                                                # the full traceback of an error
 
@@ -13,7 +14,8 @@ loggers come from the run's config, each an ordinary override (`--data.*`, `--tr
 attacks in the format of the configs' `adversarial.attacks` (`--attacks` adds more). The one adversarial callback runs
 it through `trainer.test` and writes `robustness_report.{json,md}`, `adversarial_examples.png`, `test_metrics.json`
 (and the W&B table when the run logs to W&B) to `--output_dir` (default `<run dir>/eval/<suite name>`), with a
-worst-case row per subject and progress with an ETA. Each finished test batch is saved under `<output_dir>/batches/`: the
+worst-case row per subject and progress with an ETA. `--eps_curve` adds attacks run at every eps of `--curve_eps` (1/255
+units), ordinary attacks of the suite, and gathers their rows into `robustness_curve.{json,png}`. Each finished test batch is saved under `<output_dir>/batches/`: the
 same command after a kill (or a SLURM requeue) resumes, attacking only the batches that had not finished.
 """
 
@@ -39,6 +41,7 @@ from datamodules import ChestXRayDataModule  # noqa: E402
 from lightning_modules.stage import StageModule, load_stage_module  # noqa: E402
 from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
+from robust_cxr.reports import CURVE_EPS_255, eps_curve_attacks, robustness_curves, write_robustness_curves  # noqa: E402
 from train import configure_wandb_loggers  # noqa: E402
 
 SUITE_FOLDER = Path(__file__).resolve().parent / "configs" / "eval"  # where `--suite NAME` is looked up
@@ -90,6 +93,9 @@ def build_parser() -> LightningArgumentParser:
     parser.add_argument("run", type=str, help="a run directory (config.yaml, checkpoints/best.ckpt) or a checkpoint file")
     parser.add_argument("--suite", type=str | None, default=None, help="a YAML list of attacks, or a suite name in configs/eval/")
     parser.add_argument("--attacks", type=list[AttackSpec] | None, default=None, help="attacks added to the suite's")
+    parser.add_argument("--eps_curve", type=list[AttackSpec] | None, default=None,
+                        help="attacks each run at every --curve_eps (their own eps is replaced): robustness_curve.{json,png}")
+    parser.add_argument("--curve_eps", type=list[float], default=list(CURVE_EPS_255), help="the eps of --eps_curve in 1/255 units; 0: clean")
     parser.add_argument("--max_images", type=int | None, default=None, help="the test images of index < N, class-stratified (default: all)")
     parser.add_argument("--output_dir", type=str | None, default=None, help="default: <run dir>/eval/<suite name>")
     parser.add_argument("--seed", type=int | None, default=None, help="the attacks' seed (default: the run's adversarial.seed)")
@@ -116,11 +122,11 @@ def run_defaults(checkpoint: Path, config: dict | None) -> dict:
     return {"data": config["data"], **{f"trainer.{key}": value for key, value in trainer.items()}}
 
 
-def suite_name(suite: str | None, attacks: list | None) -> str:
-    """The name of the suite: its file's stem, or ``custom`` for `--attacks` alone."""
-    if not suite and not attacks:
-        raise ValueError("No attacks to run: give --suite (e.g. configs/eval/strong.yaml) or --attacks.")
-    return Path(suite).stem if suite else "custom"
+def suite_name(suite: str | None, attacks: list | None, eps_curve: list | None) -> str:
+    """The name of the suite: its file's stem, ``custom`` for `--attacks` without one, ``eps_curve`` for `--eps_curve` alone."""
+    if not suite and not attacks and not eps_curve:
+        raise ValueError("No attacks to run: give --suite (e.g. configs/eval/strong.yaml), --attacks or --eps_curve.")
+    return Path(suite).stem if suite else "custom" if attacks else "eps_curve"
 
 
 def check_data_fits(stage: StageModule, data: ChestXRayDataModule, checkpoint: Path) -> None:
@@ -149,7 +155,7 @@ def main(args: list[str] | None = None) -> list[dict]:
     checkpoint, config = find_run(options.run)
     parser.set_defaults(run_defaults(checkpoint, config))
     options = parser.parse_args(args)
-    name = suite_name(options.suite, options.attacks)
+    name = suite_name(options.suite, options.attacks, options.eps_curve)
     attacks = load_suite(options.suite) if options.suite else []
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     output_dir = Path(options.output_dir or run_dir / "eval" / name)
@@ -169,6 +175,8 @@ def main(args: list[str] | None = None) -> list[dict]:
 
     instantiated = parser.instantiate(options)
     attacks += instantiated.attacks or []  # AttackSpecs once instantiated
+    curve_attacks = instantiated.eps_curve or []
+    attacks += [point for spec in curve_attacks for point in eps_curve_attacks(spec, options.curve_eps)]
     data: ChestXRayDataModule = instantiated.data
     stage = load_stage_module(checkpoint, MADE_BY)
     check_data_fits(stage, data, checkpoint)
@@ -187,13 +195,17 @@ def main(args: list[str] | None = None) -> list[dict]:
     L.seed_everything((config or {}).get("seed_everything", 0), verbose=False)  # a random defense's noise in the stage's own test metrics
     rank_zero_info(f"Evaluating {checkpoint} under {[spec.label for spec in attacks]} -> {output_dir}")
     results = trainer.test(stage, datamodule=data, verbose=False)
+    report = output_dir / "robustness_report.json"
+    rows = json.loads(report.read_text()) if report.is_file() else []
     if trainer.is_global_zero:
         (output_dir / "test_metrics.json").write_text(json.dumps(results[0] if results else {}, indent=2) + "\n")
+        if curve_attacks:
+            curves = write_robustness_curves(robustness_curves(rows, curve_attacks, options.curve_eps), output_dir)
+            rank_zero_info(f"Robustness curves: {curves}")
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
-    report = output_dir / "robustness_report.json"
-    return json.loads(report.read_text()) if report.is_file() else []
+    return rows
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ clean accuracy (the trade-off each defense's strength moves along), and prints a
     python benchmarks/purifier_tradeoff.py --data-source folder --data-root ../shared/data/chest_xray_pneumonia_128 \\
         --teacher-ckpt runs/pneumonia/teacher --purifier-dir runs/pneumonia/purifier/export --nim-dir runs/pneumonia/nim/export \\
         --output benchmarks/results/purifier_tradeoff_pneumonia_cpu.json
-
-The plot needs matplotlib (``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations

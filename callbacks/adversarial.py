@@ -425,7 +425,7 @@ class AdversarialExampleCallback(Callback):
                 )
             else:
                 spec = specs.get(attack)
-                executed = spec.executed if spec else dict(steps=None, eot_samples=None, version=None)
+                executed = spec.executed(task.num_classes) if spec else dict(steps=None, eot_samples=None, version=None)
                 setting.update(threat_model=spec.threat_model if spec else "none", norm=spec.norm if spec else "none",
                                eps=spec.eps if spec else 0.0, **executed)
             rows += [{**setting, **columns} for columns in task.report_rows(result, attacked=attack != "none")]

@@ -45,7 +45,7 @@ ThreatModel = Literal["whitebox", "graybox", "transfer", "adaptive"]
 L2_METHODS = ("pgd_l2", "cw_l2")
 GRADIENT_METHODS = ("fgsm", "pgd", "bim", "mifgsm", "pgd_l2")  # the methods that ascend any given loss
 CW_SEARCH_STEPS = 5  # binary-search rounds over CW's trade-off constant
-AUTOATTACK_ITERATIONS = 100  # APGD iterations of AutoAttack's standard and rand versions
+AUTOATTACK_ITERATIONS = 100  # APGD and FAB iterations of every AutoAttack version
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -64,11 +64,13 @@ class AttackSpec:
             (white-box through a defense with a detector, also descending the detector's score: see
             `robust_cxr.threat.DefendedModel`).
         eot_samples: draws of a stochastic source averaged per gradient step (EOT). Above 1 the source counts
-            as random: APGD then returns its highest-loss point and AutoAttack runs its ``rand`` version.
+            as random: APGD then returns its highest-loss point and AutoAttack runs its ``rand`` version (see
+            `autoattack_version`).
         target: a targeted goal of the task (e.g. segmentation's ``empty``: every pixel background), which the
             attack drives the output toward instead of away from the truth; None: untargeted.
         name: label in metric names and reports; default from method, steps and target (``pgd10``, ``pgd10_to_empty``).
-        queries: ``square`` only: its queries (model evaluations per image, the standard 5000 by default).
+        queries: the queries of ``square`` and of AutoAttack's Square (model evaluations per image, the standard 5000 by
+            default).
         bpda: ``whitebox`` only: BPDA (Athalye et al. 2018), for defenses that are not (usefully) differentiable. The
             forward pass runs the deployed pipeline as it is, the backward pass takes the defense in front of the model
             as the identity (`IdentityBackward`). Subjects without a defense skip it.
@@ -110,15 +112,15 @@ class AttackSpec:
         """Whether the attack treats its source as random (EOT over more than one draw)."""
         return self.eot_samples > 1
 
-    @property
-    def executed(self) -> dict[str, int | str | None]:
-        """What the attack actually runs, for report columns: ``steps`` (gradient steps in all; CW's binary-search
-        rounds times its steps; AutoAttack's APGD iterations; Square's queries, one forward pass each), ``eot_samples`` and
-        ``version`` (AutoAttack's; ``bpda`` for a BPDA attack)."""
+    def executed(self, num_classes: int | None = None) -> dict[str, int | str | None]:
+        """What the attack actually runs on a task of `num_classes` classes (needed for AutoAttack only), for report
+        columns: ``steps`` (gradient steps in all; CW's binary-search rounds times its steps; AutoAttack's APGD iterations;
+        Square's queries, one forward pass each), ``eot_samples`` and ``version`` (AutoAttack's version and attacks, e.g.
+        ``custom: apgd-ce, fab, square-5000``; ``bpda`` for a BPDA attack)."""
         if self.method == "autoattack":
-            if self.stochastic_source:
-                return dict(steps=AUTOATTACK_ITERATIONS, eot_samples=self.eot_samples, version="rand: apgd-ce, apgd-dlr")
-            return dict(steps=AUTOATTACK_ITERATIONS, eot_samples=1, version="standard: apgd-ce, apgd-t, fab-t, square-5000")
+            version, attacks = autoattack_version(self, num_classes)
+            ran = ", ".join(f"square-{self.queries}" if attack == "square" else attack for attack in attacks)
+            return dict(steps=AUTOATTACK_ITERATIONS, eot_samples=self.eot_samples, version=f"{version}: {ran}")
         steps = {"fgsm": 1, "cw_l2": CW_SEARCH_STEPS * self.steps, "square": self.queries}.get(self.method, self.steps)
         return dict(steps=steps, eot_samples=self.eot_samples, version="bpda" if self.bpda else None)
 
@@ -298,11 +300,10 @@ def craft_adversarial(
     """
     if loss_fn is not None and spec.method not in GRADIENT_METHODS:
         raise ValueError(f"Attack {spec.label}: a custom loss needs one of {GRADIENT_METHODS}, not {spec.method}.")
-    needed = _classes_needed(spec)
-    if num_classes is not None and num_classes < needed:
+    if spec.method == "apgd_dlr" and num_classes is not None and num_classes < 3:
         raise ValueError(
-            f"Attack {spec.label}: the DLR loss of {spec.method} needs at least {needed} classes (this task has {num_classes}); "
-            "use apgd_ce, pgd or cw_l2 for binary classifiers."
+            f"Attack {spec.label}: the DLR loss of apgd_dlr needs at least 3 classes (this task has {num_classes}); "
+            "use apgd_ce, autoattack, pgd or cw_l2 for binary classifiers."
         )
     loss_fn = loss_fn or summed_cross_entropy
     images = images.detach()
@@ -362,20 +363,35 @@ def _run_attack(
             return highest_loss
         # Images it never fooled would otherwise get their random start back.
         return torch.where(still_correct.bool().view(-1, 1, 1, 1), highest_loss, first_fooling)
-    version = "rand" if spec.stochastic_source else "standard"
+    version, attacks = autoattack_version(spec, num_classes)
     suite = AutoAttack(predict, norm="Linf", eps=spec.eps, version=version, seed=seed, device=images.device)
     suite.verbose = False
+    suite.attacks_to_run = attacks
+    suite.apgd.n_restarts = suite.fab.n_restarts = 1  # the standard version's; the custom one would keep pyautoattack's 5
     suite.apgd_targeted.n_target_classes = suite.fab.n_target_classes = min(9, num_classes - 1)
+    suite.square.n_queries = spec.queries
     if spec.stochastic_source:
         suite.apgd.eot_iter = spec.eot_samples
     return suite.run_standard_evaluation(images, labels, batch_size=len(images))[0]
 
 
-def _classes_needed(spec: AttackSpec) -> int:
-    """Classes the attack's loss needs: the DLR loss divides by the gap to the 3rd logit, its targeted form needs a 4th."""
-    if spec.method == "apgd_dlr" or (spec.method == "autoattack" and spec.stochastic_source):
-        return 3
-    return 4 if spec.method == "autoattack" else 2
+def autoattack_version(spec: AttackSpec, num_classes: int | None) -> tuple[str, list[str]]:
+    """(pyautoattack version, the attacks it runs in order) of AutoAttack on a task of `num_classes` classes.
+
+    A stochastic source (`AttackSpec.stochastic_source`) gets ``rand``: APGD-CE, and APGD-DLR from 3 classes on (the DLR
+    loss divides by the gap to the third logit), each gradient averaged over `eot_samples` draws. Otherwise, from 4
+    classes on, ``standard``: APGD-CE, targeted APGD-DLR, targeted FAB and Square (targeted DLR needs a fourth logit);
+    with 2 or 3 classes, ``custom``: APGD-CE, APGD-DLR from 3 classes, untargeted FAB (on 2 classes the same as FAB-T
+    toward the one other class) and Square.
+    """
+    if num_classes is None or num_classes < 2:
+        raise ValueError(f"Attack {spec.label}: AutoAttack attacks a classifier of 2 or more classes; got num_classes={num_classes}.")
+    dlr = ["apgd-dlr"] if num_classes >= 3 else []
+    if spec.stochastic_source:
+        return "rand", ["apgd-ce", *dlr]
+    if num_classes >= 4:
+        return "standard", ["apgd-ce", "apgd-t", "fab-t", "square"]
+    return "custom", ["apgd-ce", *dlr, "fab", "square"]
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

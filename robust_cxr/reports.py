@@ -1,14 +1,17 @@
-"""Robustness reports: JSON rows, a Markdown table and a PNG grid of adversarial examples."""
+"""Robustness reports: JSON rows, a Markdown table, a PNG grid of adversarial examples, and robustness curves over eps."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from robust_cxr.attacks import AttackSpec
 from robust_cxr.tasks import Task
 
 MARKDOWN_LEFT_OUT = ("correct",)  # a count the JSON keeps; the Markdown table gives its share
@@ -95,3 +98,81 @@ def save_example_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+CURVE_EPS_255 = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)  # the default eps of a robustness curve, in 1/255 units
+
+
+def curve_point_label(spec: AttackSpec, eps_255: float) -> str:
+    """The name of `spec` run at eps `eps_255` / 255 as a point of a robustness curve, e.g. ``pgd10_eps4``."""
+    return f"{spec.label}_eps{eps_255:g}"
+
+
+def eps_curve_attacks(spec: AttackSpec, eps_255: list[float]) -> list[AttackSpec]:
+    """`spec` at every eps of `eps_255` (1/255 units) above 0, each named `curve_point_label`: ordinary attacks of the
+    suite, whose report rows `robustness_curves` gathers (eps 0 is the rows' clean score)."""
+    if any(eps < 0 for eps in eps_255) or not any(eps > 0 for eps in eps_255):
+        raise ValueError(f"The eps of a robustness curve must be >= 0 with one above 0 (1/255 units), got {list(eps_255)}; e.g. [0, 1, 2, 4, 8, 16].")
+    return [replace(spec, eps=eps / 255, name=curve_point_label(spec, eps)) for eps in sorted(set(eps_255)) if eps > 0]
+
+
+def robustness_curves(rows: list[dict], attacks: list[AttackSpec], eps_255: list[float]) -> list[dict]:
+    """The report `rows` of the `eps_curve_attacks` of each of `attacks`, gathered into curves, one per subject (model,
+    defense), attack and metric, in the order of the rows.
+
+    Each curve has ``model``, ``defense``, ``attack`` (the swept attack's label), ``method``, ``threat_model``, ``norm``,
+    ``metric``, ``scores`` (the names it follows: the metric, e.g. ``accuracy``, then every other column of the rows
+    with a ``clean_`` twin, e.g. ``balanced_accuracy``, ``sensitivity``) and ``points``, one per eps in increasing
+    order: ``eps_255``, ``eps`` ([0, 1] units), ``n`` and each score, at eps 0 the clean score of the same images
+    (the rows' ``clean_value`` and ``clean_*``). A subject an attack does not apply to has no curve for it.
+    """
+    by_key = {(row["model"], row["defense"], row["attack"], row["metric"]): row for row in rows}
+    curves = []
+    for spec in attacks:
+        points = {eps: curve_point_label(spec, eps) for eps in sorted(set(eps_255))}
+        first = next(label for eps, label in points.items() if eps > 0)
+        for (model, defense, attack, metric), row in by_key.items():
+            if attack != first:
+                continue
+            twins = [column for column in row if f"clean_{column}" in row and column not in ("value", metric)]
+            curve = dict(model=model, defense=defense, attack=spec.label, method=spec.method, threat_model=spec.threat_model, norm=spec.norm,
+                         metric=metric, scores=[metric, *twins], points=[])
+            for eps, label in points.items():
+                if eps == 0:
+                    values = {metric: row["clean_value"], **{column: row[f"clean_{column}"] for column in twins}}
+                    n = row["n"]
+                else:
+                    point = by_key[(model, defense, label, metric)]
+                    values, n = {metric: point["value"], **{column: point[column] for column in twins}}, point["n"]
+                curve["points"].append(dict(eps_255=eps, eps=eps / 255, n=n, **values))
+            curves.append(curve)
+    return curves
+
+
+def write_robustness_curves(curves: list[dict], directory: str | Path, stem: str = "robustness_curve") -> Path:
+    """Writes `curves` (from `robustness_curves`) to `<stem>.json` and plots them to `<stem>.png`: a row of panels per
+    attack and metric, a panel per score, a line per subject (score against eps in 1/255 units); returns the JSON path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / f"{stem}.json"
+    json_path.write_text(json.dumps(curves, indent=2) + "\n")
+    groups = list(dict.fromkeys((curve["attack"], curve["threat_model"], curve["metric"]) for curve in curves))
+    columns = max((len(curve["scores"]) for curve in curves), default=1)
+    figure = Figure(figsize=(3.6 * columns, 2.8 * max(1, len(groups))), layout="constrained")
+    axes = figure.subplots(max(1, len(groups)), columns, squeeze=False)
+    for row, group in enumerate(groups):
+        members = [curve for curve in curves if (curve["attack"], curve["threat_model"], curve["metric"]) == group]
+        scores = members[0]["scores"]
+        for column, score in enumerate(scores):
+            panel = axes[row, column]
+            for curve in members:
+                known = [point for point in curve["points"] if point[score] is not None]
+                subject = curve["model"] if curve["defense"] == "none" else f"{curve['model']} + {curve['defense']}"
+                panel.plot([point["eps_255"] for point in known], [point[score] for point in known], marker="o", label=subject)
+            panel.set(title=f"{group[0]} ({group[1]})", xlabel="eps (x / 255)", ylabel=score)
+            panel.grid(alpha=0.3)
+            panel.legend(fontsize="small")
+        for column in range(len(scores), columns):
+            axes[row, column].axis("off")
+    figure.savefig(directory / f"{stem}.png", dpi=100)
+    return json_path

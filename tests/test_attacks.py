@@ -154,15 +154,50 @@ def test_dlr_attacks_need_three_classes(trained):
         craft_adversarial(AttackSpec(method="apgd_dlr"), model, images[:4], labels[:4], num_classes=2)
 
 
-def test_dlr_and_autoattack_run_on_multiclass_models():
+@pytest.mark.parametrize("num_classes", [3, 4])
+def test_dlr_and_autoattack_run_on_multiclass_models(num_classes, monkeypatch):
+    ran = _record_autoattack(monkeypatch)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4)).eval()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes)).eval()
     images = torch.rand(6, 1, 8, 8)
     labels = model(images).argmax(1).detach()
-    for spec in (AttackSpec(method="apgd_dlr", eps=0.3, steps=10), AttackSpec(method="autoattack", eps=0.3)):
-        adversarial = craft_adversarial(spec, model, images, labels, num_classes=4)
+    for spec in (AttackSpec(method="apgd_dlr", eps=0.3, steps=10), AttackSpec(method="autoattack", eps=0.3, queries=100)):
+        adversarial = craft_adversarial(spec, model, images, labels, num_classes=num_classes)
         assert perturbation_norm(adversarial, images, "linf").max() <= 0.3 + 1e-6
         assert _accuracy(model, adversarial, labels) < 1.0
+    expected = ("standard", ["apgd-ce", "apgd-t", "fab-t", "square"]) if num_classes == 4 else ("custom", ["apgd-ce", "apgd-dlr", "fab", "square"])
+    assert ran == [(*expected, 1)]
+
+
+def _record_autoattack(monkeypatch) -> list[tuple[str, list[str], int]]:
+    """(version, attacks, APGD's EOT draws) of every AutoAttack run from now on, in a list that fills as they run."""
+    import pyautoattack.autoattack as autoattack_module
+
+    ran = []
+    original = autoattack_module.AutoAttack.run_standard_evaluation
+
+    def recording(suite, *args, **kwargs):
+        ran.append((suite.version, list(suite.attacks_to_run), suite.apgd.eot_iter))
+        return original(suite, *args, **kwargs)
+
+    monkeypatch.setattr(autoattack_module.AutoAttack, "run_standard_evaluation", recording)
+    return ran
+
+
+def test_binary_autoattack_stays_in_budget_and_is_at_least_as_strong_as_apgd_ce(trained, monkeypatch):
+    ran = _record_autoattack(monkeypatch)
+    model, images, labels = trained
+    images, labels = images[:32], labels[:32]
+    eps = EPS / 3  # small enough that APGD-CE leaves images for FAB and Square
+    apgd = craft_adversarial(AttackSpec(method="apgd_ce", eps=eps, steps=100), model, images, labels, num_classes=2, keys=torch.arange(32))
+    spec = AttackSpec(method="autoattack", eps=eps, queries=300)
+    adversarial = craft_adversarial(spec, model, images, labels, num_classes=2)
+    assert ran == [("custom", ["apgd-ce", "fab", "square"], 1)]
+    assert spec.executed(2) == dict(steps=100, eot_samples=1, version="custom: apgd-ce, fab, square-300")
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert perturbation_norm(adversarial, images, "linf").max() <= eps + 1e-6
+    assert 0 < _accuracy(model, apgd, labels) < _accuracy(model, images, labels)
+    assert _accuracy(model, adversarial, labels) <= _accuracy(model, apgd, labels)
 
 
 def test_apgd_returns_its_highest_loss_point_for_images_it_cannot_fool(trained):
@@ -182,23 +217,16 @@ def test_apgd_returns_its_highest_loss_point_for_images_it_cannot_fool(trained):
     assert torch.all(final_loss >= start_loss - 1e-6) and torch.any(final_loss > start_loss)
 
 
-def test_autoattack_on_a_random_model_runs_the_rand_version_with_eot(monkeypatch):
-    import pyautoattack.autoattack as autoattack_module
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_autoattack_on_a_random_model_runs_the_rand_version_with_eot(num_classes, monkeypatch):
+    ran = _record_autoattack(monkeypatch)
 
-    versions = []
-    original = autoattack_module.AutoAttack.run_standard_evaluation
-
-    def recording(suite, *args, **kwargs):
-        versions.append((suite.version, list(suite.attacks_to_run), suite.apgd.eot_iter))
-        return original(suite, *args, **kwargs)
-
-    monkeypatch.setattr(autoattack_module.AutoAttack, "run_standard_evaluation", recording)
     class NoisyLinear(nn.Module):
         """A random model: a linear classifier on inputs with fresh Gaussian noise."""
 
         def __init__(self):
             super().__init__()
-            self.linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+            self.linear = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
 
         def forward(self, images):
             return self.linear(images + 0.05 * torch.randn_like(images))
@@ -208,19 +236,23 @@ def test_autoattack_on_a_random_model_runs_the_rand_version_with_eot(monkeypatch
     images = torch.rand(6, 1, 8, 8)
     labels = model.linear(images).argmax(1).detach()
     spec = AttackSpec(method="autoattack", eps=0.3, eot_samples=3)
-    adversarial = craft_adversarial(spec, model, images, labels, num_classes=3)
-    assert versions == [("rand", ["apgd-ce", "apgd-dlr"], 3)]
-    assert spec.executed == dict(steps=100, eot_samples=3, version="rand: apgd-ce, apgd-dlr")
+    adversarial = craft_adversarial(spec, model, images, labels, num_classes=num_classes)
+    attacks = ["apgd-ce", "apgd-dlr"][: num_classes - 1]  # no DLR loss without a third logit
+    assert ran == [("rand", attacks, 3)]
+    assert spec.executed(num_classes) == dict(steps=100, eot_samples=3, version="rand: " + ", ".join(attacks))
     assert perturbation_norm(adversarial, images, "linf").max() <= 0.3 + 1e-6
-    with pytest.raises(ValueError, match="at least 3 classes"):
-        craft_adversarial(spec, model, images, labels, num_classes=2)
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert _accuracy(model.linear, adversarial, labels) < 1.0
 
 
 def test_executed_settings_say_what_runs():
-    assert AttackSpec(method="fgsm").executed["steps"] == 1
-    assert AttackSpec(method="cw_l2", steps=20).executed["steps"] == 100  # 5 binary-search rounds of 20 steps
-    assert AttackSpec(method="pgd", steps=7, eot_samples=4).executed == dict(steps=7, eot_samples=4, version=None)
-    assert AttackSpec(method="autoattack", steps=7).executed["version"].startswith("standard")
+    assert AttackSpec(method="fgsm").executed()["steps"] == 1
+    assert AttackSpec(method="cw_l2", steps=20).executed()["steps"] == 100  # 5 binary-search rounds of 20 steps
+    assert AttackSpec(method="pgd", steps=7, eot_samples=4).executed() == dict(steps=7, eot_samples=4, version=None)
+    assert AttackSpec(method="autoattack", steps=7).executed(10) == dict(
+        steps=100, eot_samples=1, version="standard: apgd-ce, apgd-t, fab-t, square-5000")
+    with pytest.raises(ValueError, match="AutoAttack attacks a classifier of 2 or more classes"):
+        AttackSpec(method="autoattack").executed(None)
 
 
 def test_bad_attack_settings_are_errors():
@@ -298,9 +330,9 @@ def test_square_stays_in_budget_and_lowers_the_margin(trained):
 
 def test_square_and_bpda_settings():
     assert AttackSpec(method="square", queries=1000).label == "square1000"
-    assert AttackSpec(method="square", queries=1000, eot_samples=8).executed == dict(steps=1000, eot_samples=8, version=None)
+    assert AttackSpec(method="square", queries=1000, eot_samples=8).executed() == dict(steps=1000, eot_samples=8, version=None)
     assert AttackSpec(method="pgd", steps=100, bpda=True).label == "pgd100_bpda"
-    assert AttackSpec(method="pgd", bpda=True).executed["version"] == "bpda"
+    assert AttackSpec(method="pgd", bpda=True).executed()["version"] == "bpda"
     with pytest.raises(ValueError, match="threat_model whitebox"):
         AttackSpec(method="pgd", bpda=True, threat_model="graybox")
     with pytest.raises(ValueError, match="unknown method 'sqare'"):

@@ -15,6 +15,8 @@ from callbacks import AdversarialExampleCallback
 from callbacks.adversarial import WORST_CASE
 from callbacks.evaluation_journal import BatchJournal
 from robust_cxr.metrics import RobustnessCounts, SegmentationRobustness
+from robust_cxr.attacks import AttackSpec
+from robust_cxr.reports import eps_curve_attacks, robustness_curves
 from robust_cxr.tasks import ClassificationTask, SegmentationTask
 from robust_cxr.threat import DefendedModel
 
@@ -186,3 +188,35 @@ def test_worst_case_of_a_segmenter_is_the_lowest_dice_per_image():
     callback = _worst_case_callback(SegmentationRobustness)
     callback._update_worst_case(SegmentationTask(), "m", masks, perfect, attacked)
     assert callback._counts[("m", WORST_CASE)].compute()["dice"].item() == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_an_eps_curve_gives_one_point_per_eps_from_the_clean_score_down(tmp_path):
+    rows = evaluate.main([str(CHECKPOINT), "--eps_curve", "[{method: pgd, steps: 5}]", "--curve_eps", "[0, 2, 8, 16]", "--max_images", "32",
+                          "--data.batch_size", "16", "--worst_case", "false", "--output_dir", str(tmp_path)])
+    assert [row["attack"] for row in rows] == ["none", "pgd5_eps2", "pgd5_eps8", "pgd5_eps16"]  # ordinary attacks of the suite
+    assert rows[3]["eps"] == pytest.approx(16 / 255)
+    curves = json.loads((tmp_path / "robustness_curve.json").read_text())
+    assert len(curves) == 1  # one subject, one metric
+    curve = curves[0]
+    assert (curve["model"], curve["attack"], curve["threat_model"], curve["metric"]) == (rows[0]["model"], "pgd5", "whitebox", "accuracy")
+    assert curve["scores"] == ["accuracy", "balanced_accuracy", "specificity", "sensitivity"]
+    points = curve["points"]
+    assert [point["eps_255"] for point in points] == [0, 2, 8, 16] and all(point["n"] == 32 for point in points)
+    clean = rows[0]
+    assert [points[0][score] for score in curve["scores"]] == [clean["accuracy"], clean["balanced_accuracy"], clean["specificity"], clean["sensitivity"]]
+    assert [point["accuracy"] for point in points[1:]] == [row["accuracy"] for row in rows[1:]]
+    accuracies = [point["accuracy"] for point in points]
+    assert accuracies == sorted(accuracies, reverse=True) and accuracies[-1] < accuracies[0]  # PGD on an undefended model
+    assert (tmp_path / "robustness_curve.png").stat().st_size > 0
+
+
+def test_curves_follow_the_rows_of_any_task():
+    spec = AttackSpec(method="pgd", steps=3, threat_model="graybox")
+    labels = {eps: eps_curve_attacks(spec, [eps])[0].label for eps in (4, 8)}
+    rows = [dict(model="segmenter", defense="purifier/ddim-1", attack=labels[eps], metric=metric, n=10, value=value, clean_value=clean)
+            for eps, metric, value, clean in ((4, "dice", 0.7, 0.9), (4, "iou", 0.5, 0.8), (8, "dice", 0.4, 0.9), (8, "iou", 0.3, 0.8))]
+    curves = robustness_curves(rows, [spec], [8, 0, 4])
+    assert [(curve["metric"], curve["scores"]) for curve in curves] == [("dice", ["dice"]), ("iou", ["iou"])]
+    assert [(point["eps_255"], point["dice"]) for point in curves[0]["points"]] == [(0, 0.9), (4, 0.7), (8, 0.4)]
+    with pytest.raises(ValueError, match="must be >= 0 with one above 0"):
+        eps_curve_attacks(spec, [0, -1])
