@@ -109,7 +109,7 @@ def main(args: list[str] | None = None) -> dict:
     """Parses `args` (default: the command line), measures the frontier, selects and writes; returns the frontier record."""
     parser = build_parser()
     checkpoint, config = find_run(parser.parse_args(args).run)
-    parser.set_defaults(run_defaults(checkpoint, config))
+    parser.set_defaults({"data": run_defaults(checkpoint, config)["data"]})  # its data settings (no Trainer here)
     options = parser.parse_args(args)
     instantiated = parser.instantiate(options)
     data: ChestXRayDataModule = instantiated.data

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import DDPMScheduler, UNet2DModel
 
 import select_strength
@@ -107,9 +108,19 @@ def test_the_selected_strength_obeys_its_clean_accuracy_constraint_on_validation
     assert load_purifier(purifier_dir, t_star=40, steps=2).label == "ddim-2@t40"  # explicit settings override the selection
 
 
+def _run_directory(root: Path) -> Path:
+    """A run directory of the reference checkpoint whose config.yaml has data and Trainer settings, as train.py writes."""
+    run = root / "teacher"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(CHECKPOINT.read_bytes())
+    data = torch.load(CHECKPOINT, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": dict(data), "trainer": {"accelerator": "cpu", "devices": 1}}))
+    return run
+
+
 def test_the_fid_criterion_measures_every_strength_and_only_measures_without_write_selection(purifier_dir, tmp_path):
     before = (purifier_dir / DEFAULT_SETTINGS_FILE).read_text()
-    frontier = select_strength.main([str(CHECKPOINT), "--purifier_dir", str(purifier_dir), "--strengths", "[0, 60]", "--max_images", "16",
+    frontier = select_strength.main([str(_run_directory(tmp_path)), "--purifier_dir", str(purifier_dir), "--strengths", "[0, 60]", "--max_images", "16",
                                      "--attack", "{method: fgsm, eps: 0.03}", "--criterion", "fid", "--write_selection", "false",
                                      "--output_dir", str(tmp_path)])
     fids = [row["fid"] for row in frontier["rows"]]
