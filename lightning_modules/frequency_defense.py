@@ -12,9 +12,10 @@ from torch import nn
 
 from lightning_modules.optimization import adamw_warmup_cosine
 from lightning_modules.stage import StageModule, calibrate_detector_threshold, load_stage_module
-from robust_cxr.frequency import DetectThenReform, FrequencyDetector, FrequencyRepresentation, Reformer
+from robust_cxr.frequency import DetectThenReform, FrequencyDetector, FrequencyRepresentation
 from robust_cxr.attacks import summed_cross_entropy
 from robust_cxr.metrics import LogitsAndLabels
+from robust_cxr.models import ResidualRestorer, check_unet_image_size
 from robust_cxr.tasks import Task, per_image_mse
 from robust_cxr.threat import DefendedModel, seen_label
 
@@ -148,9 +149,9 @@ class AdversarialDetector(TargetDefenseStage):
 
 
 class AdversarialReformer(TargetDefenseStage):
-    """Maps adversarial and clean images to the clean image in front of the frozen target: a `Reformer` trained with
-    the pixel loss (mean squared error) on each batch's attacked and clean images, plus, with `task_loss_weight`, the
-    target's own loss on the reformed attacked images.
+    """Maps adversarial and clean images to the clean image in front of the frozen target: a `ResidualRestorer` (the
+    restorer's network, the identity before training) trained with the pixel loss (mean squared error) on each batch's
+    attacked and clean images, plus, with `task_loss_weight`, the target's own loss on the reformed attacked images.
 
     The report evaluates the target alone, the reformer + target (gray-box: attacks on the target alone; white-box:
     through the reformer) and, with `detector_ckpt`, detector + reformer + target, which reforms only what the
@@ -158,7 +159,8 @@ class AdversarialReformer(TargetDefenseStage):
 
     Args:
         detector_ckpt: an `AdversarialDetector` checkpoint trained for the same target, or None.
-        encoder_name, encoder_depth, decoder_channels: the reformer's U-Net (see `robust_cxr.frequency.Reformer`).
+        encoder_name, encoder_depth, decoder_channels, feature_channels, head_channels: the reformer's network (see
+            `robust_cxr.models.ResidualRestorer`).
         task_loss_weight: weight of the target's loss on reformed attacked images (0: pixel loss only).
         Other arguments: see `TargetDefenseStage`.
     """
@@ -173,7 +175,9 @@ class AdversarialReformer(TargetDefenseStage):
         image_size: int = 64,
         encoder_name: str = "tu-resnet10t",
         encoder_depth: int = 3,
-        decoder_channels: tuple[int, ...] = (32, 16, 8),
+        decoder_channels: tuple[int, ...] = (32, 16, 16),
+        feature_channels: int = 16,
+        head_channels: int = 32,
         task_loss_weight: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -181,7 +185,8 @@ class AdversarialReformer(TargetDefenseStage):
     ):
         super().__init__(target_ckpt, in_chans, image_size)
         self.save_hyperparameters()
-        self.model = Reformer(in_chans, encoder_name, encoder_depth, tuple(decoder_channels))
+        check_unet_image_size(image_size, encoder_depth)
+        self.model = ResidualRestorer(in_chans, encoder_name, encoder_depth, tuple(decoder_channels), feature_channels, head_channels)
         self.detector_stage = None if detector_ckpt is None else _load_detector(detector_ckpt, self._task)
         if self.detector_stage is not None:
             self.register_frozen("detector", self.detector_stage.model)

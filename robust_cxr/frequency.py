@@ -3,7 +3,8 @@ reformer that maps inputs back toward clean images, as plain `nn.Module`s on ima
 
 Adversarial perturbations concentrate their energy at high spatial frequencies, where chest X-rays have little, so
 a detector sees them best in a frequency representation. Park et al. do not publish their transform or networks;
-`docs/benchmarks.md` measures the representations offered here.
+`docs/benchmarks.md` measures the representations offered here. The reformer is the restorer's network
+(`robust_cxr.models.ResidualRestorer`), an image-to-image map that starts as the identity.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from robust_cxr.models import create_segmenter
+from robust_cxr.models import ResidualRestorer
 
 FrequencyRepresentation = Literal["log_magnitude", "log_magnitude_phase", "block_dct"]
 DCT_BLOCK = 8
@@ -92,27 +93,11 @@ class FrequencyDetector(nn.Module):
         return self(images) > self.threshold
 
 
-class Reformer(nn.Module):
-    """Image-to-image network that maps inputs back toward clean images: (B, C, H, W) in [0, 1] -> same, in [0, 1].
-
-    A small U-Net (segmentation_models_pytorch, timm encoder, from scratch) predicts a correction added to the input,
-    so an untrained reformer is close to the identity.
-    """
-
-    def __init__(self, in_chans: int, encoder_name: str = "tu-resnet10t", encoder_depth: int = 3,
-                 decoder_channels: tuple[int, ...] = (32, 16, 8)):
-        super().__init__()
-        self.unet = create_segmenter(encoder_name, in_chans, encoder_depth, decoder_channels, out_chans=in_chans)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images + self.unet(images)).clamp(0, 1)
-
-
 class DetectThenReform(nn.Module):
     """Reforms only what the detector flags: images (B, C, H, W) in [0, 1] -> the reformer's output where flagged,
     the image itself (bit-identical) elsewhere. Gradients follow the branch each image takes."""
 
-    def __init__(self, detector: FrequencyDetector, reformer: Reformer):
+    def __init__(self, detector: FrequencyDetector, reformer: ResidualRestorer):
         super().__init__()
         self.detector = detector
         self.reformer = reformer

@@ -17,8 +17,9 @@ from lightning_modules import AdversarialDetector, AdversarialReformer, LungSegm
 from lightning_modules.frequency_defense import _load_detector
 from lightning_modules.stage import load_stage_module
 from robust_cxr.attacks import AttackSpec, craft_adversarial
-from robust_cxr.frequency import DetectThenReform, FrequencyDetector, Reformer, dct_matrix, frequency_features
+from robust_cxr.frequency import DetectThenReform, FrequencyDetector, dct_matrix, frequency_features
 from robust_cxr.metrics import threshold_for_false_positive_rate
+from robust_cxr.models import ResidualRestorer
 from robust_cxr.tasks import ClassificationTask, SegmentationTask
 from robust_cxr.threat import DefendedModel
 
@@ -98,9 +99,10 @@ def test_the_detector_stage_meets_its_false_positive_rate_on_validation_and_reco
 
 def test_flagged_only_reforming_leaves_unflagged_images_bit_identical():
     torch.manual_seed(0)
-    detector, reformer = FrequencyDetector(1, widths=(8,)).eval(), Reformer(1, decoder_channels=(8, 8, 8)).eval()
+    detector, reformer = FrequencyDetector(1, widths=(8,)).eval(), ResidualRestorer(1, decoder_channels=(8, 8, 8)).eval()
     images = torch.rand(16, 1, SIZE, SIZE)
     with torch.no_grad():
+        torch.nn.init.normal_(reformer.head[-1].weight, std=0.1)  # an untrained reformer is the identity
         detector.threshold.fill_(detector(images).median())
         flagged = detector.flagged(images)
         output = DetectThenReform(detector, reformer)(images)
