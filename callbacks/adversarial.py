@@ -48,7 +48,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torchmetrics import Metric
 
 from callbacks.evaluation_journal import SETTINGS_FILE, BatchJournal, EvaluationProgress, check_or_write_settings, merge_metric_states, metric_states
-from robust_cxr.attacks import GRADIENT_METHODS, AttackSpec, attacking, craft_adversarial, perturbation_norm, trades_kl_loss
+from robust_cxr.attacks import GRADIENT_METHODS, AttackSpec, attacking, check_eot, craft_adversarial, is_stochastic, perturbation_norm, trades_kl
 from robust_cxr.metrics import DetectionScores
 from robust_cxr.reports import save_example_grid, write_robustness_report
 from robust_cxr.tasks import Task
@@ -200,7 +200,7 @@ class AdversarialExampleCallback(Callback):
         elif self.trades_beta is not None:
             with attacking(source):
                 targets = source(images).softmax(dim=1).detach()
-            loss_fn, added = trades_kl_loss, {"trades_beta": self.trades_beta}
+            loss_fn, added = trades_kl, {"trades_beta": self.trades_beta}
         else:
             targets, loss_fn = task.attack_objective(spec, task.targets(batch)[:count])
             adversarial = craft_adversarial(spec, source, images, targets, loss_fn=loss_fn, **common)
@@ -230,6 +230,7 @@ class AdversarialExampleCallback(Callback):
         if self.batch_results_dir is not None:
             directory = Path(self.batch_results_dir)
             settings = dict(attacks=[asdict(spec) for spec in self.attacks], test_max_images=self.test_max_images, seed=self.seed,
+                            precision=str(trainer.precision),
                             worst_case=self.worst_case, world_size=trainer.world_size, rows=[" | ".join(key) for key in self._counts])
             check_or_write_settings(directory / SETTINGS_FILE, settings,
                                     fix=f"Delete {directory} to start this evaluation afresh, or write it elsewhere.")
@@ -243,6 +244,11 @@ class AdversarialExampleCallback(Callback):
         if not active or not self.attacks:
             return
         self._subjects = _chosen_subjects(pl_module.robustness_subjects(), self.subjects)
+        for subject in self._subjects:
+            for spec in self.attacks:
+                source = subject.attack_source(spec.threat_model, spec.bpda)
+                if source is not None:
+                    check_eot(spec, source, subject.key)
         self._counts, self._detections = self._new_counters(pl_module)
         skipped = [s.label for s in self.attacks if all((subj.key, s.label) not in self._counts for subj in self._subjects)]
         if skipped:
@@ -323,40 +329,45 @@ class AdversarialExampleCallback(Callback):
             return
         images, targets, keys = images[selected], targets[selected], None if keys is None else keys[selected]
         task: Task = pl_module.task
-        dtype = _attack_dtype(trainer)
         seed = self.seed + _RANK_SEED_STRIDE * trainer.global_rank + _BATCH_SEED_STRIDE * batch_idx
         # The grid shows the first defended subject (with its defense's output) when there is one.
         grid_subject = next((s for s in self._subjects if s.defense_module is not None), self._subjects[0])
         for subject in self._subjects:
+            dtype = _attack_dtype(trainer, subject)
             attacked = []  # (images chosen (B,) bool, their attacked outputs, their perturbation norms) per attack that ran
             with _seeded_global_rng(seed, images.device):
-                clean_outputs = _outputs(subject.pipeline, images, dtype)
+                clean_outputs = _outputs(subject.pipeline, images, dtype, f"{subject.key} on clean images")
             self._counts[(subject.key, "none")].update(targets, clean_outputs, clean_outputs, torch.zeros(len(images), device=images.device))
             if subject.detector is not None:
-                clean_scores = _outputs(subject.detector, images, dtype)
-                self._detections[(subject.key, "none")].update(clean_scores, None)
+                clean_scores = _outputs(subject.detector, images, dtype, f"the detector of {subject.key}")
+                clean_task_scores = task.per_image_score(targets, clean_outputs)
+                self._detections[(subject.key, "none")].update(clean_scores, clean_task_scores)
             for slot, spec in enumerate(self.attacks, start=1):
                 source = subject.attack_source(spec.threat_model, spec.bpda)
                 chosen = _subset(keys, spec.max_images, len(images)).to(images.device)
                 if source is None or not chosen.any():
                     continue
-                attack_targets, loss_fn = task.attack_objective(spec, targets[chosen])
+                true_targets = targets[chosen]
+                attack_targets, loss_fn = task.attack_objective(spec, true_targets)
                 with _seeded_global_rng(seed + slot, images.device):
                     adversarial = craft_adversarial(
                         spec, source, images[chosen], attack_targets, num_classes=task.num_classes,
-                        loss_fn=subject.attack_loss(spec.threat_model, loss_fn),
+                        loss_fn=subject.attack_loss(spec, loss_fn),
+                        score_fn=subject.attack_score(spec.threat_model, lambda outputs: task.per_image_score(true_targets, outputs)),
                         keys=None if keys is None else keys[chosen], seed=self.seed, autocast_dtype=dtype,
                     )
-                    adversarial_outputs = _outputs(subject.pipeline, adversarial, dtype)
+                    adversarial_outputs = _outputs(subject.pipeline, adversarial, dtype, f"{subject.key} under {spec.label}")
                 norms = perturbation_norm(adversarial, images[chosen], spec.norm)
-                self._counts[(subject.key, spec.label)].update(targets[chosen], clean_outputs[chosen], adversarial_outputs, norms)
+                self._counts[(subject.key, spec.label)].update(true_targets, clean_outputs[chosen], adversarial_outputs, norms)
                 attacked.append((chosen, adversarial_outputs, norms))
                 if subject.detector is not None:
-                    self._detections[(subject.key, spec.label)].update(clean_scores[chosen], _outputs(subject.detector, adversarial, dtype))
+                    self._detections[(subject.key, spec.label)].update(
+                        clean_scores[chosen], clean_task_scores[chosen], _outputs(subject.detector, adversarial, dtype, f"the detector of {subject.key}"),
+                        task.per_image_score(true_targets, adversarial_outputs))
                 if capture_grid and subject is grid_subject and self._grid is None:
                     n = self.grid_images
                     self._grid = dict(
-                        clean=images[chosen][:n], adversarial=adversarial[:n], targets=targets[chosen][:n],
+                        clean=images[chosen][:n], adversarial=adversarial[:n], targets=true_targets[:n],
                         clean_outputs=clean_outputs[chosen][:n], adversarial_outputs=adversarial_outputs[:n],
                         eps=spec.eps, defended=None,
                     )
@@ -388,10 +399,10 @@ class AdversarialExampleCallback(Callback):
         self._counts[(subject_key, WORST_CASE)].update(targets[common], clean_outputs[common], outputs[worst, images], norms[worst, images])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log_results("val", pl_module)
+        self._log_results("val", trainer, pl_module)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rows = self._log_results("test", pl_module)
+        rows = self._log_results("test", trainer, pl_module)
         if not rows or not trainer.is_global_zero:
             return
         directory = Path(trainer.default_root_dir)
@@ -402,7 +413,7 @@ class AdversarialExampleCallback(Callback):
         _log_report_to_wandb(trainer, rows, grid)
         rank_zero_info(f"Robustness report: {report}")
 
-    def _log_results(self, stage: str, pl_module: L.LightningModule) -> list[dict]:
+    def _log_results(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict]:
         """Computes every counter (a collective: all ranks call it), logs the metrics, returns report rows."""
         if not self._counts:  # nothing was attacked (e.g. the purifier and NIM stages, which have no task)
             return []
@@ -416,16 +427,20 @@ class AdversarialExampleCallback(Callback):
             if attack != "none":
                 for name, value in task.logged(result).items():  # NaN where undefined (e.g. no image fooled): same keys every run
                     pl_module.log(f"{stage}/{name}/{attack}{suffix}", value, sync_dist=True)
-            setting = dict(model=subject.model, defense=subject.defense, threshold=subject.decision_threshold, attack=attack)
+            dtype = _attack_dtype(trainer, subject)
+            setting = dict(model=subject.model, defense=subject.defense, threshold=subject.decision_threshold, attack=attack,
+                           precision="bf16" if dtype == torch.bfloat16 else "fp32")
             if attack == WORST_CASE:
                 suite = [spec for spec in self.attacks if (subject_key, spec.label) in self._counts]
                 setting.update(
                     threat_model="+".join(dict.fromkeys(spec.threat_model for spec in suite)), norm="+".join(dict.fromkeys(spec.norm for spec in suite)),
-                    eps=max(spec.eps for spec in suite), steps=None, eot_samples=None, version=None, worst_of=", ".join(spec.label for spec in suite),
+                    eps=max(spec.eps for spec in suite), steps=None, eot_samples=None, eot_average=None, version=None,
+                    worst_of=", ".join(spec.label for spec in suite),
                 )
             else:
                 spec = specs.get(attack)
-                executed = spec.executed(task.num_classes) if spec else dict(steps=None, eot_samples=None, version=None)
+                executed = (spec.executed(task.num_classes, is_stochastic(subject.attack_source(spec.threat_model, spec.bpda))) if spec
+                            else dict(steps=None, eot_samples=None, eot_average=None, version=None))
                 setting.update(threat_model=spec.threat_model if spec else "none", norm=spec.norm if spec else "none",
                                eps=spec.eps if spec else 0.0, **executed)
             rows += [{**setting, **columns} for columns in task.report_rows(result, attacked=attack != "none")]
@@ -438,13 +453,20 @@ class AdversarialExampleCallback(Callback):
 
 
 def _detection_rows(setting: dict, detection: dict[str, float], spec: AttackSpec | None, seen_attacks: tuple[str, ...]) -> list[dict]:
-    """A detector's report rows: ``detection_rate``, the share of the attacked images it flags (`clean_value`: of the
-    clean ones, its false-positive rate; the clean row has that share alone) and, under an attack, ``detection_auroc``
-    (clean against attacked). `seen_in_training` says whether the detector was trained on that attack's method and eps."""
-    seen = None if spec is None else seen_label(spec.method, spec.eps) in seen_attacks
+    """A detector's report rows (see `DetectionScores`): ``detection_rate``, the share of the attacked images it flags
+    (`clean_value`: of the clean ones, its false-positive rate; the clean row has that share alone), and under an
+    attack ``detection_auroc`` (clean against attacked), ``robust_or_rejected`` (an image counts if right clean and
+    unflagged, and right or flagged attacked; `clean_value`: right and unflagged clean) and ``evasion_rate`` (right
+    clean, fooled and unflagged). `seen_in_training` says whether the detector was trained on that attack's method and
+    eps; an adaptive attack, which aims at the detector, never was."""
+    seen = None if spec is None else spec.threat_model != "adaptive" and seen_label(spec.method, spec.eps) in seen_attacks
     common = {**setting, "n": detection["n"], "seen_in_training": seen}
     rate = dict(common, metric="detection_rate", value=detection["fpr" if spec is None else "tpr"], clean_value=detection["fpr"])
-    return [rate] if spec is None else [dict(common, metric="detection_auroc", value=detection["auroc"], clean_value=None), rate]
+    if spec is None:
+        return [rate]
+    return [dict(common, metric="detection_auroc", value=detection["auroc"], clean_value=None), rate,
+            dict(common, metric="robust_or_rejected", value=detection["robust_or_rejected"], clean_value=detection["clean_unflagged"]),
+            dict(common, metric="evasion_rate", value=detection["evasion_rate"], clean_value=None)]
 
 
 def _log_report_to_wandb(trainer: L.Trainer, rows: list[dict], grid: Path | None) -> None:
@@ -471,7 +493,13 @@ WORST_CASE = "worst_case"  # the attack name of the worst-case rows
 
 
 def _chosen_subjects(subjects: list[DefendedModel], keys: list[str] | None) -> list[DefendedModel]:
-    """The `subjects` whose key is in `keys` (all for None); ValueError naming the available keys for an unknown one."""
+    """The `subjects` whose key is in `keys` (all for None); ValueError naming the available keys for an unknown one, or
+    naming two subjects that share a key (their rows would merge)."""
+    all_keys = [subject.key for subject in subjects]
+    shared = sorted({key for key in all_keys if all_keys.count(key) > 1})
+    if shared:
+        raise ValueError(f"Robustness subjects {shared} occur more than once ({all_keys}): each subject's model and defense must name it "
+                         "apart from the others (DefendedModel.model, .defense), or its rows would merge.")
     if keys is None:
         return subjects
     unknown = sorted(set(keys) - {subject.key for subject in subjects})
@@ -512,13 +540,20 @@ def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _attack_dtype(trainer: L.Trainer) -> torch.dtype | None:
-    """bf16 attacks under bf16 mixed precision; fp32 otherwise (fp16 gradients are too coarse)."""
-    return torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
+def _attack_dtype(trainer: L.Trainer, subject: DefendedModel | None = None) -> torch.dtype | None:
+    """bf16 attacks under bf16 mixed precision; fp32 otherwise (fp16 gradients are too coarse), and always for a
+    `subject` with a defense in front of its model: a purifier's many steps and small noise scales lose too much in bf16."""
+    defended = subject is not None and subject.defense_module is not None
+    return torch.bfloat16 if str(trainer.precision).startswith("bf16") and not defended else None
 
 
 @torch.no_grad()
-def _outputs(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Float outputs (B, ...) of `model` (logits) for images (B, C, H, W) in [0, 1]."""
+def _outputs(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None, what: str) -> torch.Tensor:
+    """Float outputs (B, ...) of `model` (logits) for images (B, C, H, W) in [0, 1]; FloatingPointError naming `what` where
+    one is not finite (an argmax would silently count it as class 0)."""
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        return model(images).float()
+        outputs = model(images).float()
+    if not torch.isfinite(outputs).all():
+        raise FloatingPointError(f"Non-finite outputs of {what}: the checkpoint holds non-finite weights, or the model overflows "
+                                 f"in {dtype or torch.float32} (evaluate with --trainer.precision 32-true).")
+    return outputs

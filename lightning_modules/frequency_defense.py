@@ -13,7 +13,7 @@ from torch import nn
 from lightning_modules.optimization import adamw_warmup_cosine
 from lightning_modules.stage import StageModule, calibrate_detector_threshold, load_stage_module
 from robust_cxr.frequency import DetectThenReform, FrequencyDetector, FrequencyRepresentation
-from robust_cxr.attacks import summed_cross_entropy
+from robust_cxr.attacks import cross_entropy
 from robust_cxr.metrics import LogitsAndLabels
 from robust_cxr.models import ResidualRestorer, check_unet_image_size
 from robust_cxr.tasks import Task, per_image_mse
@@ -217,8 +217,8 @@ class AdversarialReformer(TargetDefenseStage):
         reformed = self.model(torch.cat([adversarial, clean]))
         loss = per_image_mse(reformed, torch.cat([clean[:count], clean])).mean()
         if self.hparams.task_loss_weight > 0:
-            task_loss = (self._task.attack_loss or summed_cross_entropy)(self.target(reformed[:count]), self._task.targets(batch)[:count])
-            loss = loss + self.hparams.task_loss_weight * task_loss / count
+            task_loss = (self._task.attack_loss or cross_entropy)(self.target(reformed[:count]), self._task.targets(batch)[:count]).mean()
+            loss = loss + self.hparams.task_loss_weight * task_loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

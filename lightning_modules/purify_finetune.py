@@ -20,7 +20,7 @@ from lightning_modules.stage import StageModule, load_stage_module
 from robust_cxr.purification import PurifiedModel, load_purifier, resolve_purifier_settings
 from robust_cxr.threat import DefendedModel
 
-LEGACY_DIFFUSION_SETTINGS = ("t_star", "method", "steps", "eta")  # arguments of their own in checkpoints before issue 16
+LEGACY_DIFFUSION_SETTINGS = ("t_star", "method", "steps", "eta")  # arguments of their own in checkpoints older than `purifier_settings`
 PURIFIED_KEYS = ("image", "adversarial_image")  # the batch entries a training step purifies: the model's inputs
 
 

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, check_teacher_input, load_classifier_module
-from robust_cxr.attacks import LossFn, trades_kl_loss
+from robust_cxr.attacks import LossFn, trades_kl
 from robust_cxr.costs import model_costs, write_model_costs
 from robust_cxr.distillation import ard_loss, check_distillation_settings, kd_loss, rslad_loss
 from robust_cxr.models import create_student_classifier
@@ -115,7 +115,7 @@ class DistilledStudent(ImageClassifierModule):
         """
         if self.hparams.robust_kd == "rslad":
             batch = {**batch, "teacher_logits": self.teacher_logits(batch["image"])}
-            return batch, batch["teacher_logits"][:count].softmax(dim=1), trades_kl_loss
+            return batch, batch["teacher_logits"][:count].softmax(dim=1), trades_kl
         return batch, batch["label"][:count], None
 
     @torch.no_grad()

@@ -281,32 +281,47 @@ class RestorationRobustness(PerImageScoreSums):
 
 
 class DetectionScores(Metric):
-    """A detector's scores (higher: more likely adversarial) on clean images and on their attacked versions, gathered
-    over DDP ranks. `update` takes clean scores (B,) and adversarial scores (B,) of the same images (None for the clean
-    row). `compute(threshold)` returns ``auroc`` (clean vs adversarial; NaN without adversarial scores), ``tpr`` (share
-    of adversarial images flagged, score > threshold), ``fpr`` (share of clean images flagged) and ``n``."""
+    """A detector's scores (higher: more likely adversarial) and the model's per-image task scores (in [0, 1], 1 best:
+    right or not, Dice) on clean images and on their attacked versions, gathered over DDP ranks.
+
+    `update` takes the clean detector scores (B,) and task scores (B,), and the same of the attacked images (None for
+    the clean row). `compute(threshold)` flags scores above `threshold` and returns ``n``, ``fpr`` (share of clean
+    images flagged), ``clean_unflagged`` (mean task score of the clean images, a flagged one counting 0) and, with
+    attacked images: ``auroc`` (clean against attacked), ``tpr`` (share of attacked images flagged),
+    ``robust_or_rejected`` (per image 0 if flagged clean, else its clean score if flagged attacked, else the lower of
+    its clean and attacked scores: for a classifier, right clean and unflagged, and right or flagged attacked) and
+    ``evasion_rate`` (per image, unflagged attacked, the score the attack took: for a classifier, right clean, fooled
+    and not flagged); NaN without attacked images.
+    """
 
     full_state_update = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("clean_scores", default=[], dist_reduce_fx="cat")
-        self.add_state("adversarial_scores", default=[], dist_reduce_fx="cat")
+        for name in ("clean_scores", "clean_task_scores", "adversarial_scores", "adversarial_task_scores"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, clean_scores: torch.Tensor, adversarial_scores: torch.Tensor | None) -> None:
+    def update(self, clean_scores: torch.Tensor, clean_task_scores: torch.Tensor, adversarial_scores: torch.Tensor | None = None,
+               adversarial_task_scores: torch.Tensor | None = None) -> None:
         self.clean_scores.append(clean_scores.detach().float())
+        self.clean_task_scores.append(clean_task_scores.detach().float())
         if adversarial_scores is not None:
             self.adversarial_scores.append(adversarial_scores.detach().float())
+            self.adversarial_task_scores.append(adversarial_task_scores.detach().float())
 
     def compute(self, threshold: float) -> dict[str, float]:
-        clean = dim_zero_cat(self.clean_scores)
-        fpr = (clean > threshold).float().mean().item()
+        clean, clean_task = dim_zero_cat(self.clean_scores), dim_zero_cat(self.clean_task_scores)
+        flagged_clean = clean > threshold
+        result = {"n": len(clean), "fpr": flagged_clean.float().mean().item(), "clean_unflagged": (clean_task * ~flagged_clean).mean().item(),
+                  "auroc": math.nan, "tpr": math.nan, "robust_or_rejected": math.nan, "evasion_rate": math.nan}
         if not self.adversarial_scores:
-            return {"auroc": math.nan, "tpr": math.nan, "fpr": fpr, "n": len(clean)}
-        adversarial = dim_zero_cat(self.adversarial_scores)
+            return result
+        adversarial, adversarial_task = dim_zero_cat(self.adversarial_scores), dim_zero_cat(self.adversarial_task_scores)
+        flagged = adversarial > threshold
         labels = torch.cat([torch.zeros_like(clean), torch.ones_like(adversarial)]).long()
-        auroc = binary_auroc(torch.cat([clean, adversarial]), labels).item()
-        return {"auroc": auroc, "tpr": (adversarial > threshold).float().mean().item(), "fpr": fpr, "n": len(clean)}
+        handled = torch.where(flagged, clean_task, torch.minimum(clean_task, adversarial_task)) * ~flagged_clean
+        return {**result, "auroc": binary_auroc(torch.cat([clean, adversarial]), labels).item(), "tpr": flagged.float().mean().item(),
+                "robust_or_rejected": handled.mean().item(), "evasion_rate": ((clean_task - adversarial_task).clamp_min(0) * ~flagged).mean().item()}
 
 
 def threshold_for_false_positive_rate(clean_scores: torch.Tensor, false_positive_rate: float) -> float:

@@ -333,6 +333,11 @@ class NIMPurifier(nn.Module):
         return purified if self.differentiable else purified.detach()
 
     @property
+    def stochastic(self) -> bool:
+        """Whether it draws noise (any sigma above 0): attacks on it then average its draws (EOT)."""
+        return not (self.noise.distribution == "fixed" and self.noise.mean == 0)
+
+    @property
     def strength(self) -> float:
         """The mean sigma, the strength `at_strength` sets."""
         return self.noise.mean

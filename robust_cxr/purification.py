@@ -101,6 +101,11 @@ class Purifier(nn.Module):
         return f"ddim-{self.steps}{noise}@t{self.t_star}"
 
     @property
+    def stochastic(self) -> bool:
+        """Whether it draws noise (diffusing to t* > 0): attacks on it then average its draws (EOT)."""
+        return self.method != "blur" and self.t_star > 0
+
+    @property
     def strength(self) -> int:
         """t*, the strength `at_strength` sets."""
         return self.t_star

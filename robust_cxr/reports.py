@@ -34,7 +34,11 @@ def write_robustness_report(rows: list[dict], directory: str | Path, stem: str =
         "`n`: the images a row covers; recall columns per class; `accuracy_after_attack`: right after the attack alone; "
         "`threshold`: the P(class 1) above which a binary model decides class 1 (its operating point); "
         "`detection_rate`: share of attacked images a detector flags (`clean_value`: of clean images), `detection_auroc`: clean "
-        "against attacked, `seen_in_training`: whether the detector trained on that method and eps.",
+        "against attacked, `robust_or_rejected`: right clean and unflagged, and right or flagged attacked, `evasion_rate`: right "
+        "clean, fooled and unflagged, `seen_in_training`: whether the detector trained on that method and eps; "
+        "`eot_samples`, `eot_average`: draws of a random source averaged per attack step and how (the per-draw losses, or the "
+        "logits); `precision`: the dtype attacks and scores ran in. A random defense scores the clean and the attacked images on "
+        "independent draws of its noise, one draw per decision as deployed.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),

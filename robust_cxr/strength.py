@@ -1,9 +1,11 @@
 """A classifier behind a purifier measured over the purifier's strength (t* for diffusion, sigma for NIM), and the choice
 of a strength on that frontier: the core that `benchmarks/purifier_tradeoff.py` and `select_strength.py` share.
 
-Every figure is on the same images with the same purifier noise: batch i of any pass runs on the global RNG seeded with
-seed + i (`seeded_correct`), so clean and attacked images of the same positions are purified alike. Robust means right
-both clean and attacked (the report's definition).
+Every figure is on the same images, and noise follows the callback's convention: the clean and the attacked images of a
+pass are scored on independent draws of the purifier (one draw per decision, as deployed). Batch i of the clean scoring
+runs on the global RNG seeded with seed + i and of the attacked scoring with seed + `ATTACKED_SEED_OFFSET` + i
+(`seeded_correct`), so every strength sees the same draws. Robust means right both clean and attacked (the report's
+definition).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from robust_cxr.attacks import AttackSpec, craft_adversarial
 from robust_cxr.purification import PurifiedClassifier, load_purifier, resolve_purifier_settings
 
 SelectionMetric = Literal["acc", "balanced_acc"]
+CRAFT_SEED_OFFSET = 10_000  # the global RNG of batch i of an attack is seeded with seed + CRAFT_SEED_OFFSET + i
+ATTACKED_SEED_OFFSET = 20_000  # ... and of the scoring of its attacked images with seed + ATTACKED_SEED_OFFSET + i
 Criterion = Literal["clean_drop", "fid"]
 
 
@@ -32,7 +36,7 @@ def stratified_images(dataset: Dataset, max_images: int | None) -> tuple[torch.T
 
 def seeded_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
     """(N,) bool: `model`'s argmax is right for images (N, C, H, W) in [0, 1] with labels (N,). Batch i runs on the global
-    RNG seeded with seed + i, so two calls on images of the same positions draw the same purifier noise."""
+    RNG seeded with seed + i, so two calls with one seed on images of the same positions draw the same purifier noise."""
     correct = []
     with torch.no_grad():
         for index, (batch, batch_labels) in enumerate(zip(images.split(batch_size), labels.split(batch_size))):
@@ -44,13 +48,15 @@ def seeded_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def craft(spec: AttackSpec, source: nn.Module, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, batch_size: int,
           seed: int, num_classes: int) -> torch.Tensor:
-    """Adversarial images (N, C, H, W) in [0, 1] crafted on `source` batch by batch; random starts keyed by dataset index,
-    EOT draws from the global RNG seeded per batch."""
+    """Adversarial images (N, C, H, W) in [0, 1] crafted on `source` batch by batch, each image the most adversarial
+    iterate (wrong first, then the highest loss); random starts keyed by dataset index, EOT draws from the global RNG
+    seeded per batch."""
     adversarial = []
     for index, (x, y, k) in enumerate(zip(images.split(batch_size), labels.split(batch_size), keys.split(batch_size))):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 10_000 + index)
-            adversarial.append(craft_adversarial(spec, source, x, y, num_classes=num_classes, keys=k, seed=seed))
+            torch.manual_seed(seed + CRAFT_SEED_OFFSET + index)
+            adversarial.append(craft_adversarial(spec, source, x, y, num_classes=num_classes, keys=k, seed=seed,
+                                                 score_fn=lambda logits, y=y: (logits.argmax(dim=1) == y).double()))
     return torch.cat(adversarial)
 
 
@@ -64,7 +70,7 @@ def clean_and_robust(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     clean = seeded_correct(model, images, labels, batch_size, seed)
     if adversarial is None:
         adversarial = craft(attack, model, images, labels, keys, batch_size, seed, num_classes)
-    return clean, clean & seeded_correct(model, adversarial, labels, batch_size, seed)
+    return clean, clean & seeded_correct(model, adversarial, labels, batch_size, seed + ATTACKED_SEED_OFFSET)
 
 
 def pooled_features(model: nn.Module, classifier: nn.Module, images: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:

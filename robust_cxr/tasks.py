@@ -17,7 +17,7 @@ report use nothing else about the outputs, so they serve every task unchanged:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ class Task(ABC):
         target_key: the batch entry holding the targets (``label``, ``mask``, ``clean``).
         attack_methods: the attack methods that apply; `check_attack` rejects the others.
         targeted_goals: the goals a targeted attack (`AttackSpec.target`) may drive outputs toward.
-        attack_loss: the loss attacks ascend, ``loss(outputs, targets)`` summed over the batch; None: each attack
+        attack_loss: the loss attacks ascend, ``loss(outputs, targets)`` -> (B,) per image; None: each attack
             method's own classification loss (cross-entropy, CW's margin, APGD's CE or DLR).
         num_classes: K for the classification attacks that need it (CW, AutoAttack); None for other tasks.
     """
@@ -184,20 +184,16 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     return cross_entropy + 1 - soft_dice
 
 
-def _summed(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LossFn:
-    return lambda outputs, targets: loss(outputs, targets).sum()
-
-
 class SegmentationTask(Task):
     """Foreground logits (B, 1, H, W) against masks (B, 1, H, W) in {0, 1}; a pixel is foreground where its logit
-    is > 0. Attacks ascend `segmentation_loss` summed over the images; the ``empty`` goal drives every pixel to
+    is > 0. Attacks ascend `segmentation_loss` per image; the ``empty`` goal drives every pixel to
     background (a DAG-style targeted attack). Scored by per-image Dice and IoU, averaged over the images."""
 
     name = "segmentation"
     target_key = "mask"
     attack_methods = GRADIENT_METHODS
     targeted_goals = ("empty",)
-    attack_loss = staticmethod(_summed(segmentation_loss))
+    attack_loss = staticmethod(segmentation_loss)
 
     def goal_targets(self, goal: str, targets: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(targets)
@@ -259,14 +255,14 @@ def restoration_loss(restored: torch.Tensor, clean: torch.Tensor, pixel_loss: st
 
 class RestorationTask(Task):
     """Restored images (B, C, H, W) in [0, 1] against the clean images (B, C, H, W) in [0, 1] (batch ``clean``) that the
-    inputs were degraded from. Attacks ascend `per_image_mse` summed over the images (the gradient-ascent methods only:
+    inputs were degraded from. Attacks ascend `per_image_mse` per image (the gradient-ascent methods only:
     CW and APGD/AutoAttack optimise classification margins). Scored by per-image PSNR (dB) and SSIM, averaged over
     the images (`robust_cxr.metrics.psnr_and_ssim`)."""
 
     name = "restoration"
     target_key = "clean"
     attack_methods = GRADIENT_METHODS
-    attack_loss = staticmethod(_summed(per_image_mse))
+    attack_loss = staticmethod(per_image_mse)
 
     def robustness_counter(self) -> Metric:
         return RestorationRobustness()

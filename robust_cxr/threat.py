@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_cxr.attacks import IdentityBackward, LossFn, ThreatModel, summed_cross_entropy
-
-ADAPTIVE_DETECTOR_WEIGHT = 1.0  # weight of the detector's score in the adaptive attack's loss
+from robust_cxr.attacks import AttackSpec, IdentityBackward, LossFn, LossTerms, ScoreFn, ThreatModel, cross_entropy, is_stochastic
 
 
 @dataclass
@@ -50,6 +48,11 @@ class DefendedModel:
     detector_seen: tuple[str, ...] = ()
 
     @property
+    def stochastic(self) -> bool:
+        """Whether the deployed pipeline is random (its defense draws noise): its attacks then need EOT (`check_eot`)."""
+        return is_stochastic(self.pipeline)
+
+    @property
     def key(self) -> str:
         """Identifier for metric names, e.g. ``teacher`` or ``teacher+purifier``: the kind of defense without its
         settings (``purifier/ddim-1@t100`` -> ``purifier``), so that a sweep over those settings names one metric."""
@@ -72,17 +75,32 @@ class DefendedModel:
             return None if self.detector is None else _OutputsAndScores(self.pipeline, self.detector)
         return self.transfer_source
 
-    def attack_loss(self, threat_model: ThreatModel, loss: LossFn | None) -> LossFn | None:
-        """The loss an attack of `threat_model` ascends, given the task's (`loss(outputs, targets)` summed over the
-        batch; None: the attack method's own). The adaptive attack ascends it (summed cross-entropy for None) minus
-        the detector's softplus score (weight `ADAPTIVE_DETECTOR_WEIGHT`), on the (outputs, scores) its source
-        returns, so that it fools the model while staying unflagged; the other threat models ascend `loss`."""
-        if threat_model != "adaptive":
+    def attack_loss(self, spec: AttackSpec, loss: LossFn | None) -> LossFn | None:
+        """The per-image loss an attack `spec` ascends, given the task's (`loss(outputs, targets)` -> (B,); None: the attack
+        method's own). The adaptive attack ascends two terms on the (outputs, scores) its source returns: the task's loss
+        (cross-entropy for None) and minus the hinge relu(score - threshold), which is 0 once the detector no longer flags
+        the image; each term's gradient is normalised per image, the hinge's weighted by `spec.detector_weight`
+        (`LossTerms`), so that it evades the detector without a weight tuned to the scale of either term. The other
+        threat models ascend `loss`."""
+        if spec.threat_model != "adaptive":
             return loss
-        loss = loss or summed_cross_entropy
-        return lambda outputs_and_scores, targets: (
-            loss(outputs_and_scores[0], targets) - ADAPTIVE_DETECTOR_WEIGHT * F.softplus(outputs_and_scores[1]).sum()
-        )
+        task_loss, detector = loss or cross_entropy, self.detector
+
+        def terms(outputs_and_scores: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+            outputs, scores = outputs_and_scores
+            return torch.stack([task_loss(outputs, targets), -F.relu(scores.float() - detector.threshold)], dim=1)
+
+        return LossTerms(terms, (1.0, spec.detector_weight))
+
+    def attack_score(self, threat_model: ThreatModel, score: ScoreFn) -> ScoreFn:
+        """The per-image score (lower: more adversarial) an attack of `threat_model` judges its iterates by, given the
+        task's on the model's outputs: the adaptive attack, whose source returns (outputs, detector scores), counts an
+        image as failed where the detector flags it (right or flagged scores 1: what robust-or-rejected accuracy counts)."""
+        if threat_model != "adaptive":
+            return score
+        detector = self.detector
+        return lambda outputs_and_scores: torch.maximum(score(outputs_and_scores[0]).double(),
+                                                        (outputs_and_scores[1] > detector.threshold).double())
 
 
 def seen_label(method: str, eps: float) -> str:

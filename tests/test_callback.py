@@ -282,7 +282,7 @@ def test_subjects_are_scored_on_the_same_purification_noise_with_the_grid_on(tmp
 def test_robust_accuracy_never_exceeds_clean_accuracy_on_a_random_defense(tmp_path):
     model = _tiny_teacher()
     _noisy_purified_subjects(model, ("noisy",))
-    attacks = [AttackSpec(method="pgd", eps=EPS, steps=2, threat_model=threat, name=threat) for threat in ("graybox", "whitebox")]
+    attacks = [AttackSpec(method="pgd", eps=EPS, steps=2, threat_model=threat, name=threat, eot_samples=2) for threat in ("graybox", "whitebox")]
     trainer = _trainer(tmp_path, [AdversarialExampleCallback(attacks=attacks)])
     trainer.test(model, datamodule=_datamodule(synthetic_samples=800), verbose=False)
     rows = json.loads((tmp_path / "robustness_report.json").read_text())
@@ -303,3 +303,65 @@ def test_subsets_of_a_class_sorted_folder_hold_both_classes_in_proportion(tmp_pa
     _trainer(tmp_path, [callback]).test(_tiny_teacher(), datamodule=datamodule, verbose=False)
     per_class = {attack: callback._counts[("teacher", attack)].total.tolist() for attack in ("none", "fgsm", "pgd2")}
     assert per_class == {"none": [30, 10], "fgsm": [30, 10], "pgd2": [12, 4]}  # 3:1, as in the whole split
+
+
+def test_a_random_subject_attacked_on_one_draw_is_an_error(tmp_path):
+    model = _tiny_teacher()
+    _noisy_purified_subjects(model, ("noisy",))
+    assert model.robustness_subjects()[0].stochastic
+    callback = AdversarialExampleCallback(attacks=[AttackSpec(method="square", eps=EPS, queries=10)])
+    with pytest.raises(ValueError, match="Attack square10 on noisy\\+purifier: its source is random.*eot_samples >= 2"):
+        _trainer(tmp_path, [callback]).test(model, datamodule=_datamodule(), verbose=False)
+    graybox = AdversarialExampleCallback(attacks=[AttackSpec(method="pgd", eps=EPS, steps=1, threat_model="graybox")])
+    _trainer(tmp_path, [graybox]).test(model, datamodule=_datamodule(), verbose=False)  # its source is the classifier alone
+
+
+def test_two_subjects_with_one_key_are_an_error(tmp_path):
+    model = _tiny_teacher()
+    twin = model.deployed_model()
+    model.robustness_subjects = lambda: [twin, twin]
+    with pytest.raises(ValueError, match=r"Robustness subjects \['teacher'\] occur more than once"):
+        _trainer(tmp_path, [AdversarialExampleCallback(attacks=EVAL_ATTACKS[:1])]).test(model, datamodule=_datamodule(), verbose=False)
+
+
+def test_non_finite_outputs_are_an_error_not_class_zero(tmp_path):
+    model = _tiny_teacher()
+    broken = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 64, 2))
+    with torch.no_grad():
+        broken[1].weight.fill_(float("nan"))
+    model.robustness_subjects = lambda: [DefendedModel("broken", "none", broken, broken)]
+    with pytest.raises(FloatingPointError, match="Non-finite outputs of broken on clean images"):
+        _trainer(tmp_path, [AdversarialExampleCallback(attacks=EVAL_ATTACKS[:1])]).test(model, datamodule=_datamodule(), verbose=False)
+
+
+class _NeverFlags(torch.nn.Module):
+    """A detector that flags nothing: scores 0 under a threshold of 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(1.0))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)[:, 0] * 0
+
+
+def test_reject_option_rows_of_a_detector_subject(tmp_path):
+    """With a detector that flags nothing, robust-or-rejected accuracy is robust accuracy and the evasion rate is the
+    share of images right clean and fooled; an adaptive attack is never marked as seen in training; rows say their
+    precision."""
+    model = _tiny_teacher()
+    classifier = model.decision_classifier()
+    model.robustness_subjects = lambda: [DefendedModel("teacher", "detector", classifier, classifier, detector=_NeverFlags(),
+                                                       threat_models=("whitebox", "adaptive"), detector_seen=("pgd@0.03",))]
+    attacks = [AttackSpec(method="pgd", eps=EPS, steps=2), AttackSpec(method="pgd", eps=EPS, steps=2, threat_model="adaptive", name="adaptive")]
+    _trainer(tmp_path, [AdversarialExampleCallback(attacks=attacks)]).test(model, datamodule=_datamodule(), verbose=False)
+    rows = {(row["attack"], row["metric"]): row for row in json.loads((tmp_path / "robustness_report.json").read_text())}
+    for attack in ("pgd2", "adaptive"):
+        accuracy = rows[(attack, "accuracy")]
+        assert rows[(attack, "robust_or_rejected")]["value"] == pytest.approx(accuracy["value"])
+        assert rows[(attack, "robust_or_rejected")]["clean_value"] == pytest.approx(accuracy["clean_value"])
+        assert rows[(attack, "evasion_rate")]["value"] == pytest.approx(accuracy["clean_value"] - accuracy["value"])
+        assert rows[(attack, "detection_rate")]["value"] == 0.0
+    assert rows[("pgd2", "detection_rate")]["seen_in_training"] is True
+    assert rows[("adaptive", "detection_rate")]["seen_in_training"] is False
+    assert {row["precision"] for row in rows.values()} == {"fp32"}

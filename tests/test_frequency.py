@@ -141,12 +141,12 @@ def test_the_adaptive_attack_evades_the_detector_that_plain_pgd_ignores():
     adaptive_spec = AttackSpec(method="pgd", eps=0.05, steps=10, threat_model="adaptive")
     plain = craft_adversarial(spec, subject.attack_source("whitebox"), images, labels)
     adaptive = craft_adversarial(adaptive_spec, subject.attack_source("adaptive"), images, labels,
-                                 loss_fn=subject.attack_loss("adaptive", None))
+                                 loss_fn=subject.attack_loss(adaptive_spec, None))
     with torch.no_grad():
         assert detector(adaptive).mean() < detector(plain).mean() - 0.1
     assert subject.attack_source("adaptive") is not None
     assert DefendedModel("toy", "none", model, model).attack_source("adaptive") is None
-    with pytest.raises(ValueError, match="adaptive threat model needs"):
+    with pytest.raises(ValueError, match="adaptive threat model ascends a loss with a detector term"):
         AttackSpec(method="apgd_ce", threat_model="adaptive")
 
 

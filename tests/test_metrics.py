@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from robust_cxr.metrics import RobustnessCounts, recall_names
+from robust_cxr.metrics import DetectionScores, RobustnessCounts, recall_names
 
 
 def _logits(labels: torch.Tensor, correct: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -58,3 +58,24 @@ def test_robust_accuracy_never_exceeds_clean_accuracy():
 def test_recall_names():
     assert recall_names(["normal", "tuberculosis"]) == ["specificity", "sensitivity"]
     assert recall_names(["a", "b", "c"]) == ["recall_a", "recall_b", "recall_c"]
+
+
+def test_reject_option_figures_count_flags_as_the_issue_defines_them():
+    """Six images, threshold 0: robust-or-rejected counts an image right clean and unflagged, and right or flagged
+    attacked; the evasion rate counts right clean, fooled and unflagged."""
+    detection = DetectionScores()
+    clean_scores = torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, -1.0])  # the fifth clean image is flagged: an error
+    clean_right = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    attacked_scores = torch.tensor([-1.0, 1.0, -1.0, 1.0, -1.0, -1.0])
+    attacked_right = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    detection.update(clean_scores, clean_right, attacked_scores, attacked_right)
+    result = detection.compute(0.0)
+    # 1: right, unflagged; 2: fooled but flagged; 3: fooled, unflagged (evades); 4: right and flagged; 5: flagged clean
+    # (an error), then fooled unflagged (evades too); 6: wrong clean.
+    assert result["robust_or_rejected"] == pytest.approx(3 / 6)
+    assert result["evasion_rate"] == pytest.approx(2 / 6)
+    assert result["clean_unflagged"] == pytest.approx(4 / 6)
+    assert result["fpr"] == pytest.approx(1 / 6) and result["tpr"] == pytest.approx(2 / 6)
+    clean_only = DetectionScores()
+    clean_only.update(clean_scores, clean_right)
+    assert math.isnan(clean_only.compute(0.0)["robust_or_rejected"]) and clean_only.compute(0.0)["clean_unflagged"] == pytest.approx(4 / 6)

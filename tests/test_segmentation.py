@@ -23,7 +23,7 @@ from datamodules import ChestXRayDataModule
 from lightning_modules import LungSegmenter
 from lightning_modules.classifier import load_classifier_module
 from lightning_modules.stage import load_stage_module
-from robust_cxr.attacks import AttackSpec, ExpectationOverTransformation, craft_adversarial
+from robust_cxr.attacks import AttackSpec, LogitAverage, craft_adversarial
 from robust_cxr.metrics import dice_and_iou
 from robust_cxr.tasks import ClassificationTask, SegmentationTask, segmentation_loss
 
@@ -165,9 +165,9 @@ def test_pgd_lowers_dice_and_raises_the_segmentation_loss_within_eps(segmenter_r
     with torch.no_grad():
         clean_loss = segmentation_loss(module(images), masks)
         adversarial_loss = segmentation_loss(module(adversarial), masks)
-        assert task.attack_loss(module(adversarial), masks) > task.attack_loss(module(images), masks)
+        assert task.attack_loss(module(adversarial), masks).sum() > task.attack_loss(module(images), masks).sum()
     assert torch.all(adversarial_loss > clean_loss)
-    torch.testing.assert_close(task.attack_loss(module(images), masks), clean_loss.sum())
+    torch.testing.assert_close(task.attack_loss(module(images), masks), clean_loss)  # per image
 
 
 def test_targeted_empty_attack_shrinks_the_predicted_foreground(segmenter_run):
@@ -198,7 +198,7 @@ def test_eot_averages_segmentation_outputs_and_its_attack_works(segmenter_run):
     module = _trained(segmenter_run)
     batch = _test_batch(segmenter_run, count=8)
     images, masks = batch["image"], batch["mask"]
-    averaged = ExpectationOverTransformation(module.model, samples=2)
+    averaged = LogitAverage(module.model, draws=2)
     with torch.no_grad():
         outputs = averaged(images)
         assert outputs.shape == (8, 1, IMAGE_SIZE, IMAGE_SIZE)
@@ -206,6 +206,8 @@ def test_eot_averages_segmentation_outputs_and_its_attack_works(segmenter_run):
 
     class Noisy(torch.nn.Module):
         """A random segmenter: the logits plus fresh noise, so that EOT draws differ; records its batch sizes."""
+
+        stochastic = True
 
         def __init__(self):
             super().__init__()
@@ -218,7 +220,7 @@ def test_eot_averages_segmentation_outputs_and_its_attack_works(segmenter_run):
     noisy = Noisy()
     with torch.no_grad():
         torch.manual_seed(1)
-        eot = ExpectationOverTransformation(noisy, samples=2)(images)
+        eot = LogitAverage(noisy, draws=2)(images)
         torch.manual_seed(1)
         draws = noisy(images.repeat(2, 1, 1, 1)).unflatten(0, (2, 8))
     assert eot.shape == (8, 1, IMAGE_SIZE, IMAGE_SIZE) and not torch.allclose(draws[0], draws[1])
@@ -228,7 +230,7 @@ def test_eot_averages_segmentation_outputs_and_its_attack_works(segmenter_run):
     spec = AttackSpec(method="pgd", eps=EPS, steps=5, eot_samples=2)
     assert spec.executed()["eot_samples"] == 2
     adversarial = _attack(module, batch, spec, source=noisy)
-    assert noisy.batch_sizes == [16] * 5  # every PGD step through both draws
+    assert noisy.batch_sizes == [16] * 6  # every PGD step through both draws, and the last iterate judged on both
     assert adversarial.shape == images.shape and (adversarial - images).abs().max() <= EPS + 1e-6
     assert _dice(module, adversarial, masks).mean() < _dice(module, images, masks).mean() - 0.1
 
