@@ -427,9 +427,7 @@ class AdversarialExampleCallback(Callback):
             if attack != "none":
                 for name, value in task.logged(result).items():  # NaN where undefined (e.g. no image fooled): same keys every run
                     pl_module.log(f"{stage}/{name}/{attack}{suffix}", value, sync_dist=True)
-            dtype = _attack_dtype(trainer, subject)
-            setting = dict(model=subject.model, defense=subject.defense, threshold=subject.decision_threshold, attack=attack,
-                           precision="bf16" if dtype == torch.bfloat16 else "fp32")
+            setting = dict(model=subject.model, defense=subject.defense, threshold=subject.decision_threshold, attack=attack)
             if attack == WORST_CASE:
                 suite = [spec for spec in self.attacks if (subject_key, spec.label) in self._counts]
                 setting.update(
@@ -443,6 +441,7 @@ class AdversarialExampleCallback(Callback):
                             else dict(steps=None, eot_samples=None, eot_average=None, version=None))
                 setting.update(threat_model=spec.threat_model if spec else "none", norm=spec.norm if spec else "none",
                                eps=spec.eps if spec else 0.0, **executed)
+            setting["precision"] = "bf16" if _attack_dtype(trainer, subject) == torch.bfloat16 else "fp32"
             rows += [{**setting, **columns} for columns in task.report_rows(result, attacked=attack != "none")]
             if (subject_key, attack) in self._detections:  # never the worst-case row
                 detection = self._detections[(subject_key, attack)].compute(float(subject.detector.threshold))

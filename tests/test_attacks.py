@@ -271,9 +271,10 @@ def test_autoattack_on_a_random_model_runs_the_rand_version_over_draws(num_class
 def test_executed_settings_say_what_runs():
     assert AttackSpec(method="fgsm").executed()["steps"] == 1
     assert AttackSpec(method="cw_l2", steps=20).executed()["steps"] == 100  # 5 binary-search rounds of 20 steps
-    assert AttackSpec(method="pgd", steps=7, eot_samples=4).executed() == dict(steps=7, eot_samples=4, eot_average="loss", version=None)
-    assert AttackSpec(method="pgd", eot_samples=4, eot_average="logits").executed()["eot_average"] == "logits"
-    assert AttackSpec(method="cw_l2", eot_samples=4).executed()["eot_average"] == "logits"  # advertorch's CW sees the averaged logits
+    assert AttackSpec(method="pgd", steps=7, eot_samples=4).executed(stochastic=True) == dict(steps=7, eot_samples=4, eot_average="loss", version=None)
+    assert AttackSpec(method="pgd", eot_samples=4).executed()["eot_samples"] == 1  # a deterministic source runs one draw
+    assert AttackSpec(method="pgd", eot_samples=4, eot_average="logits").executed(stochastic=True)["eot_average"] == "logits"
+    assert AttackSpec(method="cw_l2", eot_samples=4).executed(stochastic=True)["eot_average"] == "logits"  # advertorch's CW sees the averaged logits
     assert AttackSpec(method="square", queries=300).executed() == dict(steps=300, eot_samples=1, eot_average=None, version=None)
     assert AttackSpec(method="autoattack", steps=7).executed(10) == dict(
         steps=100, eot_samples=1, eot_average=None, version="standard: apgd-ce, apgd-t, fab-t, square-5000")
@@ -356,7 +357,8 @@ def test_square_stays_in_budget_and_lowers_the_margin(trained):
 
 def test_square_and_bpda_settings():
     assert AttackSpec(method="square", queries=1000).label == "square1000"
-    assert AttackSpec(method="square", queries=1000, eot_samples=8).executed() == dict(steps=1000, eot_samples=8, eot_average="loss", version=None)
+    assert AttackSpec(method="square", queries=1000, eot_samples=8).executed(stochastic=True) == dict(steps=1000, eot_samples=8, eot_average="loss",
+                                                                                                     version=None)
     assert AttackSpec(method="pgd", steps=100, bpda=True).label == "pgd100_bpda"
     assert AttackSpec(method="pgd", bpda=True).executed()["version"] == "bpda"
     with pytest.raises(ValueError, match="threat_model whitebox"):
