@@ -21,7 +21,6 @@ same command after a kill (or a SLURM requeue) resumes, attacking only the batch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,6 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
@@ -38,35 +36,16 @@ from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from callbacks import AdversarialExampleCallback  # noqa: E402
 from callbacks.evaluation_journal import check_or_write_settings  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
-from lightning_modules.stage import StageModule, load_stage_module  # noqa: E402
+from lightning_modules.stage import load_stage_module  # noqa: E402
 from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.reports import CURVE_EPS_255, eps_curve_attacks, robustness_curves, write_robustness_curves  # noqa: E402
+from robust_cxr.runs import DEVICE_KEYS, MADE_BY, check_data_fits, file_sha256, find_run, run_defaults, run_directory  # noqa: E402
 from train import configure_wandb_loggers  # noqa: E402
 
 SUITE_FOLDER = Path(__file__).resolve().parent / "configs" / "eval"  # where `--suite NAME` is looked up
-TRAINER_KEYS_KEPT = ("accelerator", "strategy", "devices", "num_nodes", "precision", "logger")  # from the run's config
+TRAINER_KEYS_KEPT = (*DEVICE_KEYS, "logger")  # from the run's config
 BATCHES_FOLDER = "batches"  # in the output folder: each finished test batch's results, for resuming
-MADE_BY = "python train.py --config configs/<stage>.yaml"
-
-
-def find_run(run: str | Path) -> tuple[Path, dict | None]:
-    """The checkpoint of `run` (a run directory: its `checkpoints/best.ckpt`; or a checkpoint file) and the run's resolved
-    config (`config.yaml` of the run directory, or two folders above the checkpoint), or None if there is none."""
-    path = Path(run)
-    if path.is_dir():
-        checkpoint, config = path / "checkpoints" / "best.ckpt", path / "config.yaml"
-        missing = [str(file) for file in (checkpoint, config) if not file.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{path} is not a finished run directory: {' and '.join(missing)} missing. Give the directory a `{MADE_BY}` run "
-                "wrote (--run_dir), or the path of a checkpoint file."
-            )
-    elif path.is_file():
-        checkpoint, config = path, path.parent.parent / "config.yaml"
-    else:
-        raise FileNotFoundError(f"{path} does not exist; give a run directory (with config.yaml and checkpoints/best.ckpt) or a checkpoint file.")
-    return checkpoint, yaml.safe_load(config.read_text()) if config.is_file() else None
 
 
 def load_suite(suite: str | Path) -> list[AttackSpec]:
@@ -110,18 +89,6 @@ def build_parser() -> LightningArgumentParser:
     return parser
 
 
-def run_defaults(checkpoint: Path, config: dict | None) -> dict:
-    """Parser defaults from the run: its data settings (the config's, else those stored in the checkpoint) and its
-    Trainer's `TRAINER_KEYS_KEPT`."""
-    if config is None:
-        data = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("datamodule_hyper_parameters")
-        if data is None:
-            raise ValueError(f"{checkpoint} holds no data settings and has no run config.yaml two folders up: give its run directory.")
-        return {"data": dict(data)}
-    trainer = {key: value for key, value in config.get("trainer", {}).items() if key in TRAINER_KEYS_KEPT}
-    return {"data": config["data"], **{f"trainer.{key}": value for key, value in trainer.items()}}
-
-
 def suite_name(suite: str | None, attacks: list | None, eps_curve: list | None) -> str:
     """The name of the suite: its file's stem, ``custom`` for `--attacks` without one, ``eps_curve`` for `--eps_curve` alone."""
     if not suite and not attacks and not eps_curve:
@@ -129,35 +96,16 @@ def suite_name(suite: str | None, attacks: list | None, eps_curve: list | None) 
     return Path(suite).stem if suite else "custom" if attacks else "eps_curve"
 
 
-def check_data_fits(stage: StageModule, data: ChestXRayDataModule, checkpoint: Path) -> None:
-    """Raises ValueError when the data's classes, image size or channels differ from those the stage was trained on."""
-    trained = stage.hparams
-    pairs = [("class_names", trained.get("class_names"), list(data.class_names)), ("image_size", trained.get("image_size"), data.hparams.image_size),
-             ("channels", trained.get("in_chans"), data.hparams.channels)]
-    differences = [f"{name}: {expected!r} in the checkpoint, {actual!r} in the data" for name, expected, actual in pairs
-                   if expected is not None and expected != actual]
-    if differences:
-        raise ValueError(f"{checkpoint} was trained on other data (" + "; ".join(differences) + "): fix the --data.* overrides.")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def main(args: list[str] | None = None) -> list[dict]:
     """Parses `args` (default: the command line), evaluates, writes the report; returns its rows."""
     parser = build_parser()
     options = parser.parse_args(args)
     checkpoint, config = find_run(options.run)
-    parser.set_defaults(run_defaults(checkpoint, config))
+    parser.set_defaults(run_defaults(checkpoint, config, TRAINER_KEYS_KEPT))
     options = parser.parse_args(args)
     name = suite_name(options.suite, options.attacks, options.eps_curve)
     attacks = load_suite(options.suite) if options.suite else []
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    run_dir = run_directory(checkpoint)
     output_dir = Path(options.output_dir or run_dir / "eval" / name)
     seed = options.seed if options.seed is not None else (config or {}).get("adversarial", {}).get("seed", 0)
 

@@ -29,11 +29,11 @@ import torch  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser  # noqa: E402
 
 from datamodules import ChestXRayDataModule  # noqa: E402
-from evaluate import MADE_BY, check_data_fits, file_sha256, find_run, run_defaults  # noqa: E402
 from lightning_modules.classifier import load_classifier_module  # noqa: E402
 from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.purification import purifier_class, write_default_settings  # noqa: E402
+from robust_cxr.runs import MADE_BY, check_data_fits, file_sha256, find_run, run_defaults  # noqa: E402
 from robust_cxr.strength import Criterion, SelectionMetric, select_strength, strength_frontier, stratified_images  # noqa: E402
 
 DEFAULT_STRENGTHS = {"t_star": [25, 50, 75, 100, 125, 150, 200], "sigma": [level / 255 for level in (25, 50, 75, 100, 125, 150)]}

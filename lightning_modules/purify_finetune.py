@@ -16,12 +16,11 @@ from torch import nn
 
 from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier_module
 from lightning_modules.restorer import NETWORK_ARGUMENTS, RESTORER_COMMAND, Restorer
-from lightning_modules.stage import StageModule, load_stage_module
+from lightning_modules.stage import MODEL_INPUT_KEYS, StageModule, load_stage_module
 from robust_cxr.purification import PurifiedModel, load_purifier, resolve_purifier_settings
 from robust_cxr.threat import DefendedModel
 
 LEGACY_DIFFUSION_SETTINGS = ("t_star", "method", "steps", "eta")  # arguments of their own in checkpoints older than `purifier_settings`
-PURIFIED_KEYS = ("image", "adversarial_image")  # the batch entries a training step purifies: the model's inputs
 
 
 class FinetunedBehindPurifier:
@@ -33,7 +32,7 @@ class FinetunedBehindPurifier:
     (``self.start_model``), and the purifier export stays frozen in front (``self.purifier``): the diffusion purifier
     stage's or the NIM stage's, whichever `load_purifier` finds there. The adversarial callback replaces part of each
     training batch by attacks crafted against the current model (`adversarial_training_source`, the model alone);
-    every training input (`PURIFIED_KEYS`) is then purified at a strength drawn per batch from
+    every training input (`MODEL_INPUT_KEYS`) is then purified at a strength drawn per batch from
     `train_strength_range` (t* for diffusion, sigma for NIM) before the stage's own `training_loss`, so the model
     learns the whole range of purification outputs. Validation, test and `forward` run the deployed pipeline: the
     purifier as `purifier_settings` say, then the fine-tuned model, averaged over `n_repeats` purifications, [0, 1]
@@ -44,11 +43,13 @@ class FinetunedBehindPurifier:
             ``runs/nim/export`` (NIM: ``config.json``, ``model.safetensors``).
         purifier_settings: the deployed purification, that purifier's own settings: diffusion ``{t_star, method, steps,
             eta}`` (see `Purifier`), NIM ``{sigma}`` (a number or a noise distribution, see `NIMPurifier`); those not given
-            come from the export's defaults (`load_purifier`: the strength `select_strength.py` chose, if any).
+            come from the export's defaults (`load_purifier`: the strength `select_strength.py` chose, if any). Or
+            ``{smoothing_sigma}`` for either export: the denoiser of denoised smoothing at that sigma (Gaussian noise,
+            then one denoising step; `robust_cxr.smoothing`), the classifier fine-tuned on denoised noisy images.
         n_repeats: purifications per image whose outputs are averaged at deployment.
         train_strength_range: inclusive [low, high] range of the purifier's strength for training batches: t* for
-            diffusion (integers, e.g. [50, 100]), sigma in [0, 1] pixel units for NIM (De^3: [0, 0.1176], i.e. 0..30/255);
-            None trains at the deployed strength.
+            diffusion (integers, e.g. [50, 100]), sigma in [0, 1] pixel units for NIM (De^3: [0, 0.1176], i.e. 0..30/255)
+            and for denoised smoothing (above 0); None trains at the deployed strength.
     """
 
     def start_behind_purifier(self, start: StageModule) -> None:
@@ -80,7 +81,7 @@ class FinetunedBehindPurifier:
     def training_loss(self, batch: dict[str, torch.Tensor]):
         """The stage's training loss on the batch with its inputs purified at a strength drawn from `train_strength_range`."""
         purifier = self.training_purifier()
-        return super().training_loss({key: purifier(value) if key in PURIFIED_KEYS else value for key, value in batch.items()})
+        return super().training_loss({key: purifier(value) if key in MODEL_INPUT_KEYS else value for key, value in batch.items()})
 
     def training_purifier(self) -> nn.Module:
         """The purifier at a strength drawn from `train_strength_range` (not differentiable), or the deployed one."""

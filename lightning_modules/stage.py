@@ -13,6 +13,8 @@ from torch import nn
 
 from robust_cxr.metrics import LogitsAndLabels, threshold_for_false_positive_rate
 
+MODEL_INPUT_KEYS = ("image", "adversarial_image")  # the entries of a training batch that are the model's inputs
+
 
 class StageModule(L.LightningModule):
     """A LightningModule whose checkpoints record their class (``module_class``), so `load_stage_module` rebuilds any

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
+
 from lightning_modules.classifier import ImageClassifierModule
+from lightning_modules.stage import MODEL_INPUT_KEYS
 from robust_cxr.models import create_timm_classifier
 
 
@@ -18,6 +21,9 @@ class TeacherClassifier(ImageClassifierModule):
         model_kwargs: extra timm arguments (``depth``, ``embed_dim``, ``drop_path_rate`` ...).
         pretrained_weights: local timm weights file, or None to train from scratch.
         in_chans, image_size: input channels and side, linked from the DataModule by the CLI.
+        train_noise_sigma: Gaussian noise augmentation (Cohen et al. 2019, the base classifier of randomized smoothing):
+            every training input gets N(0, sigma^2) noise, in [0, 1] pixel units and not clamped; validation and test
+            see clean images. 0: none.
         Other arguments: see `ImageClassifierModule`.
     """
 
@@ -38,9 +44,18 @@ class TeacherClassifier(ImageClassifierModule):
         label_smoothing: float = 0.0,
         class_weights: Literal["none", "balanced"] | list[float] = "none",
         target_sensitivity: float | None = None,
+        train_noise_sigma: float = 0.0,
     ):
         super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights, target_sensitivity)
+        if not train_noise_sigma >= 0:
+            raise ValueError(f"train_noise_sigma must be >= 0 (a noise std in [0, 1] pixel units; 0: no noise), got {train_noise_sigma}.")
         self.save_hyperparameters()
         self.model = create_timm_classifier(
             model_name, num_classes, in_chans, image_size, pretrained_weights, **(model_kwargs or {})
         )
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier's loss on the batch with N(0, train_noise_sigma^2) noise added to its inputs (`MODEL_INPUT_KEYS`)."""
+        sigma = self.hparams.train_noise_sigma
+        noised = {key: value + sigma * torch.randn_like(value) if key in MODEL_INPUT_KEYS and sigma > 0 else value for key, value in batch.items()}
+        return super().training_loss(noised)

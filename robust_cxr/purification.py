@@ -31,6 +31,7 @@ PurificationMethod = Literal["ddpm", "ddim", "blur"]
 Aggregate = Literal["logits", "vote"]
 PURIFIER_COMMAND = "python train.py --config configs/purifier.yaml"  # what writes runs/purifier/export
 DEFAULT_SETTINGS_FILE = "purifier_settings.json"  # in an export: the settings `load_purifier` uses unless told otherwise
+SMOOTHING_SETTING = "smoothing_sigma"  # a purifier setting: the export as the denoiser of denoised smoothing (robust_cxr.smoothing)
 
 
 class Purifier(nn.Module):
@@ -238,8 +239,12 @@ def write_default_settings(directory: str | Path, settings: dict[str, Any], sele
 
 def resolve_purifier_settings(directory: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The export's default settings (`read_default_settings`) overridden by the explicit `settings`; a setting of None
-    (``t_star: null`` in a config, which a sweep's ``--...purifier_settings.t_star=50`` can still override) is not given."""
+    (``t_star: null`` in a config, which a sweep's ``--...purifier_settings.t_star=50`` can still override) is not given.
+    With `SMOOTHING_SETTING` the explicit settings alone: the defaults are purification settings, which denoised smoothing
+    does not take."""
     explicit = {name: value for name, value in (settings or {}).items() if value is not None}
+    if SMOOTHING_SETTING in explicit:
+        return explicit
     return {**read_default_settings(directory)["settings"], **explicit}
 
 
@@ -252,10 +257,18 @@ def load_purifier(directory: str | Path, differentiable: bool = False, **setting
     (`strength_name`: t* or sigma) that `at_strength` sets and `draw_strength` draws from a range. Settings not given
     come from the export's `DEFAULT_SETTINGS_FILE` (the diffusion stage's t_star, method and steps, or the strength
     `select_strength.py` chose), then from the purifier's own defaults.
+
+    With the setting `SMOOTHING_SETTING` (``smoothing_sigma``, alone) the export is instead the one-step denoiser of
+    denoised smoothing at that sigma (`robust_cxr.smoothing.smoothing_from_export`: `DiffusionSmoothing` or
+    `NIMSmoothing`), whose strength is sigma.
     """
     directory = Path(directory)
     kind = purifier_class(directory)
     settings = resolve_purifier_settings(directory, settings)
+    if SMOOTHING_SETTING in settings:
+        from robust_cxr.smoothing import smoothing_from_export  # it imports this module
+
+        return smoothing_from_export(directory, differentiable=differentiable, **settings)
     allowed = sorted(set(inspect.signature(kind).parameters) - {"unet", "scheduler", "model", "differentiable"})
     unknown = sorted(set(settings) - set(allowed))
     if unknown:

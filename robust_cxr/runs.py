@@ -1,0 +1,75 @@
+"""Finished runs as the commands that read them see them (`evaluate.py`, `certify.py`, `select_strength.py`): the checkpoint
+and resolved config of a run directory or checkpoint file, the data and Trainer settings they default to, and checks
+that the data fit the stage."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import yaml
+
+if TYPE_CHECKING:
+    from datamodules import ChestXRayDataModule
+    from lightning_modules.stage import StageModule
+
+MADE_BY = "python train.py --config configs/<stage>.yaml"  # what writes a finished run
+DEVICE_KEYS = ("accelerator", "strategy", "devices", "num_nodes", "precision")  # the run's Trainer settings of where it runs
+
+
+def find_run(run: str | Path) -> tuple[Path, dict | None]:
+    """The checkpoint of `run` (a run directory: its `checkpoints/best.ckpt`; or a checkpoint file) and the run's resolved
+    config (`config.yaml` of the run directory, or two folders above the checkpoint), or None if there is none."""
+    path = Path(run)
+    if path.is_dir():
+        checkpoint, config = path / "checkpoints" / "best.ckpt", path / "config.yaml"
+        missing = [str(file) for file in (checkpoint, config) if not file.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not a finished run directory: {' and '.join(missing)} missing. Give the directory a `{MADE_BY}` run "
+                "wrote (--run_dir), or the path of a checkpoint file."
+            )
+    elif path.is_file():
+        checkpoint, config = path, path.parent.parent / "config.yaml"
+    else:
+        raise FileNotFoundError(f"{path} does not exist; give a run directory (with config.yaml and checkpoints/best.ckpt) or a checkpoint file.")
+    return checkpoint, yaml.safe_load(config.read_text()) if config.is_file() else None
+
+
+def run_directory(checkpoint: Path) -> Path:
+    """The run directory of `checkpoint` (two folders up from ``<run>/checkpoints/<file>``, else its own folder)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def run_defaults(checkpoint: Path, config: dict | None, trainer_keys: tuple[str, ...] = DEVICE_KEYS) -> dict:
+    """Parser defaults from the run: its data settings (the config's, else those stored in the checkpoint) and the
+    `trainer_keys` of its Trainer's settings."""
+    if config is None:
+        data = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("datamodule_hyper_parameters")
+        if data is None:
+            raise ValueError(f"{checkpoint} holds no data settings and has no run config.yaml two folders up: give its run directory.")
+        return {"data": dict(data)}
+    trainer = {key: value for key, value in config.get("trainer", {}).items() if key in trainer_keys}
+    return {"data": config["data"], **{f"trainer.{key}": value for key, value in trainer.items()}}
+
+
+def check_data_fits(stage: StageModule, data: ChestXRayDataModule, checkpoint: Path) -> None:
+    """Raises ValueError when the data's classes, image size or channels differ from those the stage was trained on."""
+    trained = stage.hparams
+    pairs = [("class_names", trained.get("class_names"), list(data.class_names)), ("image_size", trained.get("image_size"), data.hparams.image_size),
+             ("channels", trained.get("in_chans"), data.hparams.channels)]
+    differences = [f"{name}: {expected!r} in the checkpoint, {actual!r} in the data" for name, expected, actual in pairs
+                   if expected is not None and expected != actual]
+    if differences:
+        raise ValueError(f"{checkpoint} was trained on other data (" + "; ".join(differences) + "): fix the --data.* overrides.")
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at `path`, in hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
