@@ -29,7 +29,6 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
@@ -42,6 +41,7 @@ from lightning_modules.stage import StageModule, load_stage_module  # noqa: E402
 from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.reports import CURVE_EPS_255, eps_curve_attacks, robustness_curves, write_robustness_curves  # noqa: E402
+from robust_cxr.safe_loading import load_checkpoint  # noqa: E402
 from train import configure_wandb_loggers  # noqa: E402
 
 SUITE_FOLDER = Path(__file__).resolve().parent / "configs" / "eval"  # where `--suite NAME` is looked up
@@ -114,7 +114,7 @@ def run_defaults(checkpoint: Path, config: dict | None) -> dict:
     """Parser defaults from the run: its data settings (the config's, else those stored in the checkpoint) and its
     Trainer's `TRAINER_KEYS_KEPT`."""
     if config is None:
-        data = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("datamodule_hyper_parameters")
+        data = load_checkpoint(checkpoint, mmap=True).get("datamodule_hyper_parameters")
         if data is None:
             raise ValueError(f"{checkpoint} holds no data settings and has no run config.yaml two folders up: give its run directory.")
         return {"data": dict(data)}
