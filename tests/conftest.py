@@ -95,6 +95,19 @@ def train_stages_in(directory: Path, stages: dict[str, list[str]], **shrink: obj
         monkeypatch.undo()
 
 
+def fit_and_save(module, data, path: Path, callbacks: list | None = None, **limits: int) -> Path:
+    """Fits the LightningModule `module` on the DataModule `data` on the CPU, without validation, logger or checkpoint
+    callbacks, in `path`'s folder (`limits`: the Trainer's, default one epoch of 3 batches); saves its checkpoint to `path`."""
+    import lightning as L
+
+    limits = limits or dict(max_epochs=1, limit_train_batches=3)
+    trainer = L.Trainer(accelerator="cpu", **limits, limit_val_batches=0, logger=False, callbacks=callbacks or [], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=path.parent)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory) -> Path:
     """The run directory of the default teacher trained briefly on 1200 phantoms, its attack suite unchanged."""
@@ -125,22 +138,12 @@ def tiny_stage_checkpoints(tmp_path_factory) -> dict[str, Path]:
     unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, **TINY_UNET)
     Purifier(unet, DDPMScheduler(num_train_timesteps=100), t_star=20).save_pretrained(purifier_dir)
     common = dict(num_classes=2, class_names=list(SYNTHETIC_CLASS_NAMES), image_size=32)
-    paths: dict[str, Path] = {}
-
-    def fit_and_save(name: str, module: L.LightningModule, **limits: int) -> None:
-        limits = limits or dict(max_epochs=1, limit_train_batches=3)
-        trainer = L.Trainer(accelerator="cpu", **limits, limit_val_batches=0, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            default_root_dir=directory)
-        trainer.fit(module, datamodule=data)
-        paths[name] = directory / f"{name}.ckpt"
-        trainer.save_checkpoint(paths[name])
-
-    fit_and_save("teacher", TeacherClassifier(model_kwargs=TINY_VIT, **common))
-    fit_and_save("student", DistilledStudent(teacher_ckpt=str(paths["teacher"]), purifier_dir=None, alpha=0.0, lr=3e-3, **common),
-                 max_epochs=8)
-    fit_and_save("purify_finetune", PurifyThenFinetune(teacher_ckpt=str(paths["teacher"]), purifier_dir=str(purifier_dir),
-                                                       purifier_settings=dict(t_star=20, steps=2), train_strength_range=(10, 20), **common))
+    paths = {name: directory / f"{name}.ckpt" for name in ("teacher", "student", "purify_finetune")}
+    fit_and_save(TeacherClassifier(model_kwargs=TINY_VIT, **common), data, paths["teacher"])
+    fit_and_save(DistilledStudent(teacher_ckpt=str(paths["teacher"]), purifier_dir=None, alpha=0.0, lr=3e-3, **common), data,
+                 paths["student"], max_epochs=8)
+    fit_and_save(PurifyThenFinetune(teacher_ckpt=str(paths["teacher"]), purifier_dir=str(purifier_dir),
+                                    purifier_settings=dict(t_star=20, steps=2), train_strength_range=(10, 20), **common), data, paths["purify_finetune"])
     return paths
 
 
@@ -170,11 +173,5 @@ def tiny_defended_checkpoints(tiny_stage_checkpoints, tmp_path_factory) -> dict[
         "reformer": (AdversarialReformer(target_ckpt=teacher, detector_ckpt=None, decoder_channels=(8, 8, 8), lr=1e-2, **common),
                      [AdversarialExampleCallback(train_attack=AttackSpec(method="fgsm", eps=0.03), train_fraction=0.5)]),
     }
-    paths: dict[str, Path] = {}
-    for name, (module, callbacks) in stages.items():
-        trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False, callbacks=callbacks,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=directory)
-        trainer.fit(module, datamodule=ChestXRayDataModule(image_size=32, synthetic_samples=240, batch_size=32, num_workers=0))
-        paths[name] = directory / f"{name}.ckpt"
-        trainer.save_checkpoint(paths[name])
-    return paths
+    data = ChestXRayDataModule(image_size=32, synthetic_samples=240, batch_size=32, num_workers=0)
+    return {name: fit_and_save(module, data, directory / f"{name}.ckpt", callbacks) for name, (module, callbacks) in stages.items()}

@@ -15,7 +15,7 @@ import export
 import predict
 import train
 from callbacks import AdversarialExampleCallback
-from conftest import CONFIGS, TINY_NIM, TINY_UNET, TINY_VIT, run_train, shrink_config
+from conftest import CONFIGS, TINY_NIM, TINY_UNET, TINY_VIT, fit_and_save, run_train, shrink_config
 from datamodules import Augmentation, ChestXRayDataModule, Degradation
 from lightning_modules import (AdversarialDetector, AdversarialReformer, DiffusionPurifier, DistilledStudent, LungSegmenter,
                                NoisyImageModeling, PurifyThenFinetune, PurifyThenFinetuneRestorer, Restorer, SelfEnsembleViT,
@@ -40,13 +40,9 @@ def stage_checkpoints(tmp_path_factory) -> dict[str, Path]:
                                augmentation=Augmentation(probability=1.0), degradation=Degradation(photons=None))
     paths: dict[str, Path] = {}
 
-    def fit(name: str, module: L.LightningModule, attacked: bool = False) -> str:
-        trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=directory / name,
-                            callbacks=[AdversarialExampleCallback(train_attack=FGSM)] if attacked else [])
-        trainer.fit(module, datamodule=data)
-        paths[name] = directory / f"{name}.ckpt"
-        trainer.save_checkpoint(paths[name])
+    def fit(name: str, module: L.LightningModule, attacked: bool = False) -> str:  # in a folder of its own: a denoiser exports there
+        callbacks = [AdversarialExampleCallback(train_attack=FGSM)] if attacked else []
+        paths[name] = fit_and_save(module, data, directory / name / f"{name}.ckpt", callbacks, max_steps=1)
         return str(paths[name])
 
     tiny = dict(image_size=SIZE)
