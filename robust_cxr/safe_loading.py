@@ -7,7 +7,8 @@ Python with an `Augmentation` or a `Degradation` object stores that object, henc
 other global is refused with `UntrustedCheckpointError`, unless the environment variable `TRUST_CHECKPOINTS_ENV` is
 ``1``: then every load unpickles in full (``weights_only=False``), for trusted files only.
 
-The exports load without pickle: diffusers and NIM folders hold safetensors, export.py writes ONNX.
+The exports load without unpickling code either: a diffusion purifier folder holds safetensors (diffusers reads a
+legacy ``.bin`` with ``weights_only=True``), a NIM folder safetensors, and export.py writes ONNX.
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ def load_checkpoint(path: str | Path, **options: Any) -> dict[str, Any]:
 def untrusted_checkpoint(path: str | Path, reason: str) -> UntrustedCheckpointError:
     """The error refusing `path` because of `reason` (what loading it would run), with the opt-in for trusted files."""
     return UntrustedCheckpointError(
-        f"Not loading {path}: {reason}. If you trust the file's origin, load it anyway with the environment variable "
-        f"{TRUST_CHECKPOINTS_ENV}=1 (e.g. `{TRUST_CHECKPOINTS_ENV}=1 python evaluate.py ...`)."
+        f"Not loading {path}: {reason}. If you trust the file's origin, prefix the command with {TRUST_CHECKPOINTS_ENV}=1 "
+        "(or set that environment variable) to load it in full."
     )
 
 
 def _unsafe_globals(path: str | Path) -> str:
     try:
-        return ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        return ", ".join(sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
     except ValueError:  # torch's legacy (non-zip) format, which it cannot scan without unpickling
         return "objects"
