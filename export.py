@@ -23,6 +23,7 @@ and purifier settings, ``n_repeats`` and its ``noise`` inputs with their shapes 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -31,7 +32,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would q
 from lightning_modules.classifier import CLASSIFIER_COMMAND  # noqa: E402
 from lightning_modules.stage import StageModule, load_stage_module  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
-from robust_cxr.deployment import export_classifier, export_pipeline, pipeline_noise  # noqa: E402
+from robust_cxr.deployment import ExportedGraph, export_classifier, export_pipeline, pipeline_noise  # noqa: E402
 
 
 def load_exportable_stage(checkpoint_or_run_dir: str | Path) -> StageModule:
@@ -40,8 +41,9 @@ def load_exportable_stage(checkpoint_or_run_dir: str | Path) -> StageModule:
     stage = load_stage_module(checkpoint_or_run_dir, CLASSIFIER_COMMAND)
     task = getattr(stage, "task", None)
     if task is None or task.name != "classification":
+        deployed = "a denoiser" if task is None else f"a {task.name} model"
         raise ValueError(
-            f"{checkpoint_or_run_dir} holds a {type(stage).__name__} stage, which deploys no classifier: export.py exports classifier "
+            f"{checkpoint_or_run_dir} ({type(stage).__name__}) deploys {deployed}, not a classifier: export.py exports classifier "
             "stages (teacher, student, purify-then-fine-tune) and a reformer in front of a classifier. A purifier stage's "
             "deployable form is its export folder (runs/purifier/export, runs/nim/export)."
         )
@@ -86,6 +88,12 @@ def main(args: list[str] | None = None) -> dict[str, Path]:
     paths = export_stage(stage, output, options.classifier_only)
     print(f"Exported [0, 1] images {(stage.hparams.in_chans, stage.hparams.image_size, stage.hparams.image_size)} -> logits: "
           + ", ".join(str(path) for path in paths.values()))
+    if "pipeline" in paths:
+        noise = ExportedGraph(paths["pipeline"]).metadata["noise"]
+        inputs = [f"{name} ({', '.join('N' if size is None else str(size) for size in spec['shape'])}) ~ {json.dumps(spec['distribution'])}"
+                  for name, spec in noise.items()]
+        print(f"{paths['pipeline'].name} also takes " + "; ".join(inputs) + ", N = n_repeats * B" if inputs
+              else f"{paths['pipeline'].name} is deterministic: no noise inputs")
     return paths
 
 
