@@ -25,7 +25,6 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
@@ -35,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from callbacks import AdversarialExampleCallback, EpochSeeding  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
+from robust_cxr.safe_loading import load_checkpoint, weights_only  # noqa: E402
 
 CONFIG_FOLDER = Path(__file__).resolve().parent / "configs"  # where `--config NAME` is looked up
 RUN_DIR_ENV = "ROBUST_CXR_RUN_DIR"  # the resolved run directory, inherited by DDP worker processes
@@ -234,7 +234,7 @@ def run_identity(cli: LightningCLI) -> dict:
 
 def check_resumes_this_run(checkpoint_path: str, identity: dict) -> None:
     """Raises ValueError when the checkpoint to resume from was written by a run of another model or other data."""
-    stored = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False).get(RUN_IDENTITY_KEY)
+    stored = load_checkpoint(checkpoint_path, mmap=True).get(RUN_IDENTITY_KEY)
     if stored is None:
         rank_zero_warn(f"{checkpoint_path} predates run identities: not checking that it belongs to this run's model and data.")
         return
@@ -249,7 +249,7 @@ def check_resumes_this_run(checkpoint_path: str, identity: dict) -> None:
 def _stored_global_step(path: Path) -> int | None:
     """The global step a checkpoint was saved at; None, with a warning, for a file cut short when its job was killed."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+        return load_checkpoint(path, mmap=True)["global_step"]
     except RuntimeError as error:
         rank_zero_warn(f"Not resuming from {path}, which cannot be read (written when the run was killed?): {error}")
         return None
@@ -291,9 +291,9 @@ def _fit_and_test(args: list[str] | None) -> dict[str, float]:
         check_resumes_this_run(ckpt_path, identity)
         rank_zero_info(f"Resuming from {ckpt_path}")
     cli.trainer.callbacks.append(RunIdentity(identity))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=weights_only())
     best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
-    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=weights_only())
     metrics = results[0] if results else {}
     if cli.trainer.is_global_zero:
         (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -409,7 +409,12 @@ class AdversarialExampleCallback(Callback):
         report = write_robustness_report(rows, directory)
         grid = None
         if self._grid is not None:
-            grid = save_example_grid(directory / "adversarial_examples.png", pl_module.task, **self._grid)
+            # What the grid shows: the first defended subject, under the first attack that applies to it (_evaluate_batch).
+            shown = next((subject for subject in self._subjects if subject.defense_module is not None), self._subjects[0])
+            spec = next(spec for spec in self.attacks if shown.attack_source(spec.threat_model, spec.bpda) is not None)
+            grid = save_example_grid(directory / "adversarial_examples.png", pl_module.task, **self._grid, attack=spec.label,
+                                     subject=shown.model if shown.defense == "none" else f"{shown.model} + {shown.defense}",
+                                     threat_model=spec.threat_model)
         _log_report_to_wandb(trainer, rows, grid)
         rank_zero_info(f"Robustness report: {report}")
 

@@ -12,6 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from robust_cxr.metrics import LogitsAndLabels, threshold_for_false_positive_rate
+from robust_cxr.safe_loading import load_checkpoint, untrusted_checkpoint, weights_only
+
+STAGE_PACKAGE = "lightning_modules"  # the package `load_stage_module` imports the stage class a checkpoint names from
 
 MODEL_INPUT_KEYS = ("image", "adversarial_image")  # the entries of a training batch that are the model's inputs
 
@@ -95,22 +98,25 @@ def load_stage_module(checkpoint_path: str | Path, made_by: str, kind: type[Stag
 
     `checkpoint_path` is a checkpoint file or a run directory, whose `checkpoints/best.ckpt` is read. `made_by` is the
     command that writes such a checkpoint, quoted in the errors when the file is missing or holds a stage that is no
-    `kind` (called `kind_name` in that error).
+    `kind` (called `kind_name` in that error). The file is read without unpickling code (`robust_cxr.safe_loading`).
     """
     path = Path(checkpoint_path)
     if path.is_dir():
         path = path / "checkpoints" / "best.ckpt"
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist. Make it with `{made_by}`, or pass the path of another checkpoint.")
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = load_checkpoint(path, mmap=True)
     if "module_class" not in checkpoint:
         raise ValueError(f"{path} was not written by a robust-cxr stage (it has no 'module_class' entry).")
     module_path, class_name = checkpoint["module_class"].rsplit(".", 1)
+    if weights_only() and module_path.split(".")[0] != STAGE_PACKAGE:
+        raise untrusted_checkpoint(path, f"it names the stage class {checkpoint['module_class']}, outside {STAGE_PACKAGE}, and "
+                                         "importing its module could run any code")
     module_class = getattr(importlib.import_module(module_path), class_name)
-    if not issubclass(module_class, kind):
+    if not (isinstance(module_class, type) and issubclass(module_class, kind)):
         raise ValueError(f"{checkpoint_path} holds a {class_name} stage, not a {kind_name} stage; pass a {kind_name} stage's checkpoint "
                          f"(made with `{made_by}`).")
     # In a fresh context: inside a stage that LightningCLI instantiates, `save_hyperparameters` would otherwise take that
-    # stage's config as the loaded module's hparams. weights_only=False: our own files, with hyperparameter objects.
-    module = contextvars.Context().run(module_class.load_from_checkpoint, path, map_location="cpu", weights_only=False)
+    # stage's config as the loaded module's hparams. The file passed `load_checkpoint` above: it loads with weights_only.
+    module = contextvars.Context().run(module_class.load_from_checkpoint, path, map_location="cpu", weights_only=weights_only())
     return module.eval().requires_grad_(False)

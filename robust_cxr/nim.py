@@ -322,13 +322,19 @@ class NIMPurifier(nn.Module):
         """Report row name, e.g. ``nim@s75`` (sigma 75/255) or ``nim@s~U(0,30)``."""
         return f"nim@{self.noise.label}"
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Purifies (B, C, S, S) images in [0, 1]; `generator` (on the images' device) draws sigma and the noise."""
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """Purifies (B, C, S, S) images in [0, 1]. `generator` (on the images' device) draws sigma and the noise, unless
+        given: `sigma` (B,) the noise std of each image, `noise` (1, B, C, S, S) standard normal."""
+        if noise is not None and len(noise) != 1:
+            raise ValueError(f"{self.label} takes one noise draw (1, B, C, S, S), got {len(noise)}.")
         with nullcontext() if self.differentiable else torch.no_grad():
-            sigma = self.noise.sample(len(images), generator, images.device).to(images.dtype)
-            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+            if sigma is None:
+                sigma = self.noise.sample(len(images), generator, images.device).to(images.dtype)
+            if noise is None:
+                noise = torch.randn((1, *images.shape), generator=generator, device=images.device, dtype=images.dtype)
             parameter = next(self.model.parameters())
-            noisy = (images + sigma.view(-1, 1, 1, 1) * noise).to(parameter.device, parameter.dtype)
+            noisy = (images + sigma.view(-1, 1, 1, 1) * noise[0]).to(parameter.device, parameter.dtype)
             purified = self.model(noisy, sigma.to(parameter.device, parameter.dtype)).to(images).clamp(0, 1)
         return purified if self.differentiable else purified.detach()
 

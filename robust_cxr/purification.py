@@ -123,28 +123,38 @@ class Purifier(nn.Module):
         """A t* drawn uniformly from the integers `low`..`high` (Python's `random`, which Lightning seeds)."""
         return random.randint(round(low), round(high))
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Purifies (B, C, H, W) images in [0, 1]; `generator` (on the images' device) draws all the noise."""
+    @property
+    def noise_draws(self) -> int:
+        """How many standard normal draws of the images' shape one purification takes: the forward diffusion's, then
+        one per reverse step; 0 for blur and t* = 0."""
+        return 0 if self.method == "blur" or self.t_star == 0 else len(self._timesteps())
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Purifies (B, C, H, W) images in [0, 1]. `generator` (on the images' device) draws the noise, unless `noise`
+        gives it: (`noise_draws`, B, C, H, W) standard normal, the forward diffusion's first, then each reverse step's."""
+        if noise is not None and len(noise) != self.noise_draws:
+            raise ValueError(f"{self.label} takes {self.noise_draws} noise draws (noise_draws, B, C, H, W), got {len(noise)}.")
         with nullcontext() if self.differentiable else torch.no_grad():
-            purified = self._purify(images, generator)
+            purified = self._purify(images, generator, noise)
         return purified if self.differentiable else purified.detach()
 
-    def _purify(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _purify(self, images: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None) -> torch.Tensor:
         if self.method == "blur":
             return _gaussian_blur(images, self.blur_sigma).clamp(0, 1)
         if self.t_star == 0:
             return images
+        draws = iter(noise) if noise is not None else (_noise_like(images, generator) for _ in range(self.noise_draws))
         abar = self._alpha_bar(self.t_star)
-        x = math.sqrt(abar) * (2 * images - 1) + math.sqrt(1 - abar) * _noise_like(images, generator)
+        x = math.sqrt(abar) * (2 * images - 1) + math.sqrt(1 - abar) * next(draws)
         step = self._ddpm_step if self.method == "ddpm" else self._ddim_step
         timesteps = self._timesteps()
         for t, t_prev in zip(timesteps[:-1], timesteps[1:]):
             # Drawn outside the checkpoint so that its recomputation sees the same noise.
-            noise = _noise_like(x, generator)
+            step_noise = next(draws)
             if self.differentiable:
-                x = checkpoint(step, x, t, t_prev, noise, use_reentrant=False)
+                x = checkpoint(step, x, t, t_prev, step_noise, use_reentrant=False)
             else:
-                x = step(x, t, t_prev, noise)
+                x = step(x, t, t_prev, step_noise)
         return ((x + 1) / 2).clamp(0, 1)
 
     def _timesteps(self) -> list[int]:
@@ -310,13 +320,14 @@ class PurifiedModel(nn.Module):
         self.model = model
         self.n_repeats = n_repeats
 
-    def repeated_outputs(self, images: torch.Tensor) -> torch.Tensor:
-        """(n_repeats, B, ...): the model's outputs for each purification of each image."""
-        outputs = self.model(self.purifier(images.repeat(self.n_repeats, 1, 1, 1)))
+    def repeated_outputs(self, images: torch.Tensor, **noise: torch.Tensor) -> torch.Tensor:
+        """(n_repeats, B, ...): the model's outputs for each purification of each image. `noise`, the purifier's explicit
+        noise keywords (e.g. ``noise``), is that of the n_repeats * B purified images, repeat r of image b at r * B + b."""
+        outputs = self.model(self.purifier(images.repeat(self.n_repeats, 1, 1, 1), **noise))
         return outputs.view(self.n_repeats, images.shape[0], *outputs.shape[1:])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.repeated_outputs(images).mean(dim=0)
+    def forward(self, images: torch.Tensor, **noise: torch.Tensor) -> torch.Tensor:
+        return self.repeated_outputs(images, **noise).mean(dim=0)
 
 
 class PurifiedClassifier(PurifiedModel):
@@ -336,8 +347,8 @@ class PurifiedClassifier(PurifiedModel):
             raise ValueError(f"aggregate must be one of {get_args(Aggregate)}, got {aggregate!r}.")
         self.aggregate = aggregate
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.repeated_outputs(images)
+    def forward(self, images: torch.Tensor, **noise: torch.Tensor) -> torch.Tensor:
+        logits = self.repeated_outputs(images, **noise)
         if self.aggregate == "logits":
             return logits.mean(dim=0)
         shares = F.one_hot(logits.argmax(dim=2), logits.shape[2]).to(logits.dtype).mean(dim=0)

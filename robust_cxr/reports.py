@@ -66,16 +66,21 @@ def save_example_grid(
     clean_outputs: torch.Tensor,
     adversarial_outputs: torch.Tensor,
     eps: float,
+    subject: str,
+    attack: str,
+    threat_model: str,
     defended: torch.Tensor | None = None,
     tile: int = 128,
 ) -> Path:
-    """A titled grid, one row per image: the task's columns (`Task.example_columns`; by default clean | adversarial,
-    each with what the task draws of its prediction) | perturbation amplified to the eps range | [defense output] | the
-    task's caption (e.g. true and predicted classes).
+    """A grid under a header line naming what it shows (`subject`, `attack`, `threat_model`), one row per image: the
+    task's columns (`Task.example_columns`; by default clean | adversarial, each with what the task draws of its
+    prediction) | perturbation amplified to the eps range | [defense output] | the task's caption (e.g. true and
+    predicted classes). Column titles wrap, and shrink if a word is wider than a tile, so that none runs into the next.
 
     Args:
         clean, adversarial: (N, C, H, W) in [0, 1]; targets (N, ...), and the model's outputs (N, ...) for both.
         eps: the attack budget; the perturbation tile maps -eps..eps to black..white.
+        subject, attack, threat_model: the model and defense attacked, the attack's label and its threat model.
         defended: (N, C, H, W) in [0, 1], the defense's output for the adversarial images (e.g. purified), or None.
     """
     perturbation = (0.5 + 0.5 * (adversarial - clean) / eps).clamp(0, 1)
@@ -87,21 +92,59 @@ def save_example_grid(
         columns.append(("defense output", defended.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)))
     panels = torch.cat([images.float().cpu() for _, images in columns], dim=3)  # (N, 3, H, columns * W)
     panels = torch.nn.functional.interpolate(panels, size=(tile, len(columns) * tile), mode="nearest")
-    title_height, text_width = tile // 4, 2 * tile
-    canvas = Image.new("RGB", (len(columns) * tile + text_width, title_height + tile * len(panels)), color=(255, 255, 255))
+    width, margin, font_size = len(columns) * tile + 2 * tile, 4, max(10, tile // 9)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # for measuring text
+    header_font, header = _fitted_lines(draw, [f"{subject} | attack: {attack} | threat model: {threat_model}"], width - 2 * margin, font_size)
+    title_font, titles = _fitted_lines(draw, [title for title, _ in columns], tile - 2 * margin, font_size)
+    header_height = _text_height(draw, header[0], header_font) + 2 * margin
+    title_height = max(_text_height(draw, lines, title_font) for lines in titles) + 2 * margin
+    top = header_height + title_height
+    canvas = Image.new("RGB", (width, top + tile * len(panels)), color=(255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(10, tile // 9))
-    for index, (title, _) in enumerate(columns):
-        draw.text((index * tile + 4, 4), title, fill=(0, 0, 0), font=font)
+    draw.multiline_text((margin, margin), "\n".join(header[0]), fill=(0, 0, 0), font=header_font, spacing=_LINE_SPACING)
+    for index, lines in enumerate(titles):
+        draw.multiline_text((index * tile + margin, header_height + margin), "\n".join(lines), fill=(0, 0, 0), font=title_font,
+                            spacing=_LINE_SPACING)
+    caption_font = ImageFont.load_default(size=font_size)
     for row, (panel, caption) in enumerate(zip(panels, task.caption(targets, clean_outputs, adversarial_outputs))):
         pixels = (panel.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        top = title_height + row * tile
-        canvas.paste(Image.fromarray(np.ascontiguousarray(pixels)), (0, top))
-        draw.multiline_text((len(columns) * tile + 8, top + 8), caption, fill=(0, 0, 0), font=font, spacing=4)
+        row_top = top + row * tile
+        canvas.paste(Image.fromarray(np.ascontiguousarray(pixels)), (0, row_top))
+        draw.multiline_text((len(columns) * tile + 8, row_top + 8), caption, fill=(0, 0, 0), font=caption_font, spacing=_LINE_SPACING)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+_LINE_SPACING = 4  # pixels between lines of text in the grid
+_SMALLEST_FONT = 6
+
+
+def _fitted_lines(draw: ImageDraw.ImageDraw, texts: list[str], width: int, size: int) -> tuple[ImageFont.FreeTypeFont, list[list[str]]]:
+    """The default font at the largest size from `size` down to `_SMALLEST_FONT` at which each of `texts`, wrapped at
+    spaces, has no line wider than `width` pixels (the smallest if none), and the wrapped lines of each text."""
+    for font_size in range(size, _SMALLEST_FONT - 1, -1):
+        font = ImageFont.load_default(size=font_size)
+        wrapped = [_wrapped(draw, text, font, width) for text in texts]
+        if all(draw.textlength(line, font=font) <= width for lines in wrapped for line in lines):
+            break
+    return font, wrapped
+
+
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """`text` broken at spaces into lines of at most `width` pixels, greedily (a wider word keeps a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _text_height(draw: ImageDraw.ImageDraw, lines: list[str], font: ImageFont.FreeTypeFont) -> int:
+    return draw.multiline_textbbox((0, 0), "\n".join(lines), font=font, spacing=_LINE_SPACING)[3]
 
 
 CURVE_EPS_255 = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)  # the default eps of a robustness curve, in 1/255 units

@@ -8,8 +8,9 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 import yaml
+
+from robust_cxr.safe_loading import load_checkpoint
 
 if TYPE_CHECKING:
     from datamodules import ChestXRayDataModule
@@ -47,7 +48,7 @@ def run_defaults(checkpoint: Path, config: dict | None, trainer_keys: tuple[str,
     """Parser defaults from the run: its data settings (the config's, else those stored in the checkpoint) and the
     `trainer_keys` of its Trainer's settings."""
     if config is None:
-        data = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("datamodule_hyper_parameters")
+        data = load_checkpoint(checkpoint, mmap=True).get("datamodule_hyper_parameters")
         if data is None:
             raise ValueError(f"{checkpoint} holds no data settings and has no run config.yaml two folders up: give its run directory.")
         return {"data": dict(data)}

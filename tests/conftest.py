@@ -23,6 +23,7 @@ requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../s
 
 TINY_SUBSET = 24  # images of an attack's subset (`max_images`) in a shrunk config: fewer than any tiny test split
 TINY_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2}  # for the default hybrid ViT-Tiny
+TINY_NIM = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 TINY_UNET = {
     "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "add_attention": False,
     "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
@@ -94,6 +95,19 @@ def train_stages_in(directory: Path, stages: dict[str, list[str]], **shrink: obj
         monkeypatch.undo()
 
 
+def fit_and_save(module, data, path: Path, callbacks: list | None = None, **limits: int) -> Path:
+    """Fits the LightningModule `module` on the DataModule `data` on the CPU, without validation, logger or checkpoint
+    callbacks, in `path`'s folder (`limits`: the Trainer's, default one epoch of 3 batches); saves its checkpoint to `path`."""
+    import lightning as L
+
+    limits = limits or dict(max_epochs=1, limit_train_batches=3)
+    trainer = L.Trainer(accelerator="cpu", **limits, limit_val_batches=0, logger=False, callbacks=callbacks or [], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=path.parent)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory) -> Path:
     """The run directory of the default teacher trained briefly on 1200 phantoms, its attack suite unchanged."""
@@ -124,20 +138,40 @@ def tiny_stage_checkpoints(tmp_path_factory) -> dict[str, Path]:
     unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, **TINY_UNET)
     Purifier(unet, DDPMScheduler(num_train_timesteps=100), t_star=20).save_pretrained(purifier_dir)
     common = dict(num_classes=2, class_names=list(SYNTHETIC_CLASS_NAMES), image_size=32)
-    paths: dict[str, Path] = {}
-
-    def fit_and_save(name: str, module: L.LightningModule, **limits: int) -> None:
-        limits = limits or dict(max_epochs=1, limit_train_batches=3)
-        trainer = L.Trainer(accelerator="cpu", **limits, limit_val_batches=0, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            default_root_dir=directory)
-        trainer.fit(module, datamodule=data)
-        paths[name] = directory / f"{name}.ckpt"
-        trainer.save_checkpoint(paths[name])
-
-    fit_and_save("teacher", TeacherClassifier(model_kwargs=TINY_VIT, **common))
-    fit_and_save("student", DistilledStudent(teacher_ckpt=str(paths["teacher"]), purifier_dir=None, alpha=0.0, lr=3e-3, **common),
-                 max_epochs=8)
-    fit_and_save("purify_finetune", PurifyThenFinetune(teacher_ckpt=str(paths["teacher"]), purifier_dir=str(purifier_dir),
-                                                       purifier_settings=dict(t_star=20, steps=2), train_strength_range=(10, 20), **common))
+    paths = {name: directory / f"{name}.ckpt" for name in ("teacher", "student", "purify_finetune")}
+    fit_and_save(TeacherClassifier(model_kwargs=TINY_VIT, **common), data, paths["teacher"])
+    fit_and_save(DistilledStudent(teacher_ckpt=str(paths["teacher"]), purifier_dir=None, alpha=0.0, lr=3e-3, **common), data,
+                 paths["student"], max_epochs=8)
+    fit_and_save(PurifyThenFinetune(teacher_ckpt=str(paths["teacher"]), purifier_dir=str(purifier_dir),
+                                    purifier_settings=dict(t_star=20, steps=2), train_strength_range=(10, 20), **common), data, paths["purify_finetune"])
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_defended_checkpoints(tiny_stage_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """The teacher of `tiny_stage_checkpoints` behind the other defenses, at 32 px: ``purify_finetune_nim`` (fine-tuned
+    3 steps behind a tiny untrained NIM denoiser deployed at sigma ~ U(0.05, 0.2)) and ``reformer`` (a tiny reformer
+    trained 3 steps on FGSM images of the teacher)."""
+    import lightning as L
+
+    from callbacks import AdversarialExampleCallback
+    from datamodules import ChestXRayDataModule
+    from datamodules.chest_xray import SYNTHETIC_CLASS_NAMES
+    from lightning_modules import AdversarialReformer, PurifyThenFinetune
+    from robust_cxr.attacks import AttackSpec
+    from robust_cxr.nim import NIMPurifier, NoisyImageModel
+
+    directory = tmp_path_factory.mktemp("defended")
+    L.seed_everything(0, verbose=False)
+    teacher = str(tiny_stage_checkpoints["teacher"])
+    nim_dir = directory / "nim"
+    NIMPurifier(NoisyImageModel(image_size=32, **TINY_NIM)).save_pretrained(nim_dir)
+    common = dict(num_classes=2, class_names=list(SYNTHETIC_CLASS_NAMES), image_size=32)
+    stages = {
+        "purify_finetune_nim": (PurifyThenFinetune(teacher_ckpt=teacher, purifier_dir=str(nim_dir), **common,
+                                                   purifier_settings=dict(sigma=dict(distribution="uniform", low=0.05, high=0.2))), []),
+        "reformer": (AdversarialReformer(target_ckpt=teacher, detector_ckpt=None, decoder_channels=(8, 8, 8), lr=1e-2, **common),
+                     [AdversarialExampleCallback(train_attack=AttackSpec(method="fgsm", eps=0.03), train_fraction=0.5)]),
+    }
+    data = ChestXRayDataModule(image_size=32, synthetic_samples=240, batch_size=32, num_workers=0)
+    return {name: fit_and_save(module, data, directory / f"{name}.ckpt", callbacks) for name, (module, callbacks) in stages.items()}

@@ -13,7 +13,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
-from conftest import CONFIGS, TINY_UNET, TINY_VIT, run_train, shrink_config
+from conftest import CONFIGS, TINY_NIM, TINY_UNET, TINY_VIT, run_train, shrink_config
 from lightning_modules import NoisyImageModeling, PurifyThenFinetune, TeacherClassifier
 from robust_cxr.metrics import per_image_psnr
 from robust_cxr.nim import DE3_NOISE, NIMPurifier, NoiseScale, NoisyImageModel, patchify, unpatchify
@@ -21,7 +21,6 @@ from robust_cxr.purification import PurifiedClassifier, Purifier, load_purifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models
 
-TINY_NIM = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 DRAWS = 200_000
 
 

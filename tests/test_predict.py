@@ -17,10 +17,12 @@ from conftest import PNEUMONIA_FOLDER, REPO, TINY_VIT, requires_shared_data
 from datamodules import ChestXRayDataModule
 from datamodules.chest_xray import SYNTHETIC_CLASS_NAMES
 from datamodules.synthetic import generate_phantoms
+from export import main as export_main
 from lightning_modules import TeacherClassifier
 from lightning_modules.classifier import CLASSIFIER_COMMAND, load_classifier_module
 from predict import input_paths
 from predict import main as predict_main
+from robust_cxr.deployment import ExportedGraph, draw_noise
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -126,3 +128,26 @@ def test_save_purified_without_a_purifier_and_a_missing_checkpoint_are_short_err
     result = subprocess.run([sys.executable, "predict.py", str(tmp_path / "nowhere"), str(folder)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "nowhere" in result.stderr and "python train.py --config" in result.stderr
+
+
+def test_an_exported_pipeline_graph_predicts_with_its_noise_drawn_per_batch_from_the_seed(tiny_defended_checkpoints, tmp_path):
+    folder = write_phantom_folder(tmp_path / "images", 6, 32, seed=0)
+    checkpoint = tiny_defended_checkpoints["purify_finetune_nim"]  # random sigma and noise, both inputs of the graph
+    graph = export_main([str(checkpoint), "--output", str(tmp_path / "export")])["pipeline"]
+    arguments = [str(graph), str(folder), "--batch-size", "4", "--seed", "3"]
+    rows = predict_main([*arguments, "--output", str(tmp_path / "a.csv")])
+    assert predict_main([*arguments, "--output", str(tmp_path / "b.csv")]) == rows, "the same seed drew other noise"
+    deployed = load_classifier_module(checkpoint, CLASSIFIER_COMMAND).deployed_model()
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(row["path"]))) for row in rows]).float().div(255).unsqueeze(1)
+    noise = ExportedGraph(graph).metadata["noise"]
+    for batch_number, start in enumerate(range(0, len(rows), 4)):  # the checkpoint's pipeline on the draws of each batch's seed
+        batch = images[start:start + 4]
+        with torch.inference_mode(), torch.random.fork_rng():
+            torch.manual_seed(3 + batch_number)
+            probabilities = deployed.pipeline(batch, **draw_noise(noise, len(batch))).softmax(dim=1)
+            undefended = deployed.undefended(batch).argmax(dim=1)
+        for row, probability, label in zip(rows[start:start + 4], probabilities, undefended):
+            assert float(row["probability/normal"]) == pytest.approx(float(probability[0]), abs=1e-4)
+            assert row["undefended_prediction"] == SYNTHETIC_CLASS_NAMES[int(label)]
+    other_seed = predict_main([str(graph), str(folder), "--batch-size", "4", "--seed", "4", "--output", str(tmp_path / "c.csv")])
+    assert [row["probability/normal"] for row in other_seed] != [row["probability/normal"] for row in rows]
