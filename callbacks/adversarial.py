@@ -369,7 +369,8 @@ class AdversarialExampleCallback(Callback):
                     self._grid = dict(
                         clean=images[chosen][:n], adversarial=adversarial[:n], targets=true_targets[:n],
                         clean_outputs=clean_outputs[chosen][:n], adversarial_outputs=adversarial_outputs[:n],
-                        eps=spec.eps, defended=None,
+                        eps=spec.eps, defended=None, attack=spec.label, threat_model=spec.threat_model,
+                        subject=subject.model if subject.defense == "none" else f"{subject.model} + {subject.defense}",
                     )
             if (subject.key, WORST_CASE) in self._counts:
                 self._update_worst_case(task, subject.key, targets, clean_outputs, attacked)
@@ -409,12 +410,7 @@ class AdversarialExampleCallback(Callback):
         report = write_robustness_report(rows, directory)
         grid = None
         if self._grid is not None:
-            # What the grid shows: the first defended subject, under the first attack that applies to it (_evaluate_batch).
-            shown = next((subject for subject in self._subjects if subject.defense_module is not None), self._subjects[0])
-            spec = next(spec for spec in self.attacks if shown.attack_source(spec.threat_model, spec.bpda) is not None)
-            grid = save_example_grid(directory / "adversarial_examples.png", pl_module.task, **self._grid, attack=spec.label,
-                                     subject=shown.model if shown.defense == "none" else f"{shown.model} + {shown.defense}",
-                                     threat_model=spec.threat_model)
+            grid = save_example_grid(directory / "adversarial_examples.png", pl_module.task, **self._grid)
         _log_report_to_wandb(trainer, rows, grid)
         rank_zero_info(f"Robustness report: {report}")
 
