@@ -40,7 +40,7 @@ from lightning_modules.stage import load_stage_module  # noqa: E402
 from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.reports import CURVE_EPS_255, eps_curve_attacks, robustness_curves, write_robustness_curves  # noqa: E402
-from robust_cxr.runs import DEVICE_KEYS, MADE_BY, check_data_fits, file_sha256, find_run, run_defaults, run_directory  # noqa: E402
+from robust_cxr.runs import DEVICE_KEYS, MADE_BY, check_data_fits, file_sha256, find_run, run_defaults, run_directory, upstream_sha256  # noqa: E402
 from train import configure_wandb_loggers  # noqa: E402
 
 SUITE_FOLDER = Path(__file__).resolve().parent / "configs" / "eval"  # where `--suite NAME` is looked up
@@ -137,7 +137,8 @@ def main(args: list[str] | None = None) -> list[dict]:
     trainer.callbacks.append(callback)
     check_or_write_settings(
         output_dir / BATCHES_FOLDER / "source.json",
-        dict(checkpoint=str(checkpoint.resolve()), checkpoint_sha256=file_sha256(checkpoint), data=options.data.as_dict()),
+        dict(checkpoint=str(checkpoint.resolve()), checkpoint_sha256=file_sha256(checkpoint), upstream_sha256=upstream_sha256(dict(stage.hparams)),
+             data=options.data.as_dict()),
         fix=f"Delete {output_dir} to evaluate afresh, or give another --output_dir.",
     )
     L.seed_everything((config or {}).get("seed_everything", 0), verbose=False)  # a random defense's noise in the stage's own test metrics

@@ -74,3 +74,20 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def upstream_sha256(hyperparameters: dict) -> dict[str, str]:
+    """The SHA-256 of every earlier stage's file a stage reads (its hyperparameters ending in ``_ckpt`` or ``_dir`` that
+    name an existing file or folder, e.g. the purifier export), by hyperparameter name: a folder's digest covers each of
+    its files, by relative path and content. A resumed evaluation checks them, since the stage loads them anew."""
+    digests = {}
+    for name, value in sorted(hyperparameters.items()):
+        path = Path(value) if isinstance(value, str) and name.endswith(("_ckpt", "_dir")) else None
+        if path is None or not path.exists():
+            continue
+        files = sorted(file for file in path.rglob("*") if file.is_file()) if path.is_dir() else [path]
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{file_sha256(file)}\n".encode())
+        digests[name] = digest.hexdigest()
+    return digests

@@ -17,6 +17,7 @@ from callbacks.evaluation_journal import BatchJournal
 from robust_cxr.metrics import RobustnessCounts, SegmentationRobustness
 from robust_cxr.attacks import AttackSpec
 from robust_cxr.reports import eps_curve_attacks, robustness_curves
+from robust_cxr.runs import upstream_sha256
 from robust_cxr.tasks import ClassificationTask, SegmentationTask
 from robust_cxr.threat import DefendedModel
 
@@ -113,6 +114,21 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     _evaluate(tmp_path, "eval", "--max_images", "16")
     with pytest.raises(ValueError, match="test_max_images: 16 there, 32 now"):
         _evaluate(tmp_path, "eval", "--max_images", "32")
+    with pytest.raises(ValueError, match="precision: '32-true' there, 'bf16-mixed' now"):
+        _evaluate(tmp_path, "eval", "--max_images", "16", "--trainer.precision", "bf16-mixed")
+
+
+def test_the_files_of_earlier_stages_are_part_of_an_evaluation_s_identity(tmp_path):
+    export = tmp_path / "export"
+    (export / "unet").mkdir(parents=True)
+    (export / "unet" / "weights.safetensors").write_bytes(b"weights")
+    (tmp_path / "teacher.ckpt").write_bytes(b"teacher")
+    hyperparameters = dict(purifier_dir=str(export), teacher_ckpt=str(tmp_path / "teacher.ckpt"), detector_ckpt=None, lr=1e-3)
+    before = upstream_sha256(hyperparameters)
+    assert set(before) == {"purifier_dir", "teacher_ckpt"}
+    (export / "unet" / "weights.safetensors").write_bytes(b"retrained")
+    after = upstream_sha256(hyperparameters)
+    assert after["purifier_dir"] != before["purifier_dir"] and after["teacher_ckpt"] == before["teacher_ckpt"]
 
 
 def test_bad_inputs_are_errors_that_say_what_to_do(tmp_path):
