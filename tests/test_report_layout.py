@@ -22,7 +22,7 @@ from robust_cxr.tasks import ClassificationTask
 
 DATA = Path(__file__).parent / "data"
 CHECKPOINT = DATA / "tiny_teacher.ckpt"  # TeacherClassifier (timm test_resnet), 64 px, fitted 8 epochs on 600 phantoms (weights only)
-REFERENCE = DATA / "tiny_teacher_report.json"  # its report before the task interface (commit 6c02040)
+REFERENCE = DATA / "tiny_teacher_report.json"  # its report since attacks return their most adversarial iterate
 ATTACKS = [
     AttackSpec(method="fgsm", eps=0.03),
     AttackSpec(method="pgd", eps=0.03, steps=5),
