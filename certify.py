@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from callbacks.evaluation_journal import SETTINGS_FILE, check_or_write_settings  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
 from lightning_modules.certification import SmoothingCertifier  # noqa: E402
-from lightning_modules.classifier import load_classifier_module  # noqa: E402
+from lightning_modules.classifier import load_classifier  # noqa: E402
 from robust_cxr.certification import CERTIFIED_RADII, CertificationSettings  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.runs import MADE_BY, check_data_fits, file_sha256, find_run, run_defaults, run_directory  # noqa: E402
@@ -75,7 +75,7 @@ def main(args: list[str] | None = None) -> dict:
     checkpoint, config = find_run(options.run)
     parser.set_defaults(run_defaults(checkpoint, config))
     options = parser.parse_args(args)
-    stage = load_classifier_module(checkpoint, MADE_BY)
+    stage = load_classifier(checkpoint, MADE_BY)
     if options.denoiser == "none" and options.purifier_dir is not None:
         raise ValueError("--purifier_dir names the denoiser's export, and --denoiser none has no denoiser: drop --purifier_dir.")
     purifier_dir = options.purifier_dir or (stage.hparams.get("purifier_dir") if options.denoiser != "none" else None)

@@ -40,7 +40,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from datamodules.chest_xray import decode_grayscale  # noqa: E402
-from lightning_modules.classifier import CLASSIFIER_COMMAND, ImageClassifierModule, load_classifier_module  # noqa: E402
+from lightning_modules.classifier import ImageClassifierModule, load_classifier  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.deployment import ExportedGraph  # noqa: E402
 
@@ -212,7 +212,7 @@ def main(args: list[str] | None = None) -> list[dict[str, str]]:
     options = parser.parse_args(args)
     model = Path(options.checkpoint)
     predictor = (graph_predictor(model) if model.suffix == ONNX_SUFFIX
-                 else stage_predictor(load_classifier_module(options.checkpoint, CLASSIFIER_COMMAND)))
+                 else stage_predictor(load_classifier(options.checkpoint)))
     paths = input_paths(options.input)
     purified_dir = Path(options.save_purified) if options.save_purified else None
     rows = predict(predictor, paths, Path(options.output), options.batch_size, purified_dir, options.seed)

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser  # noqa: E402
 
 from datamodules import ChestXRayDataModule  # noqa: E402
-from lightning_modules.classifier import load_classifier_module  # noqa: E402
+from lightning_modules.classifier import load_classifier  # noqa: E402
 from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.purification import purifier_class, write_default_settings  # noqa: E402
@@ -113,7 +113,7 @@ def main(args: list[str] | None = None) -> dict:
     options = parser.parse_args(args)
     instantiated = parser.instantiate(options)
     data: ChestXRayDataModule = instantiated.data
-    stage = load_classifier_module(checkpoint, MADE_BY)
+    stage = load_classifier(checkpoint, MADE_BY)
     check_data_fits(stage, data, checkpoint)
     data.setup("validate")
     device = torch.device(options.device)

@@ -39,6 +39,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -47,10 +48,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from datamodules import ChestXRayDataModule  # noqa: E402
-from lightning_modules.classifier import TEACHER_COMMAND, load_classifier_module  # noqa: E402
+from lightning_modules.classifier import TEACHER_COMMAND, load_classifier  # noqa: E402
 from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.purification import PurifiedClassifier, load_purifier  # noqa: E402
-from robust_cxr.strength import accuracy, balanced_accuracy, clean_and_robust, craft, seeded_correct, stratified_images  # noqa: E402
+from robust_cxr.strength import evaluate_subject, standard_error, stratified_images  # noqa: E402
+from robust_cxr.threat import DefendedModel  # noqa: E402
 
 
 def ms_per_image(models: list[nn.Module], images: torch.Tensor, rounds: int) -> list[float]:
@@ -179,7 +181,7 @@ def main() -> None:
         return
     started = time.perf_counter()
 
-    teacher_stage = load_classifier_module(args.teacher_ckpt, TEACHER_COMMAND)
+    teacher_stage = load_classifier(args.teacher_ckpt, TEACHER_COMMAND)
     teacher = teacher_stage.deployed_model().undefended  # at its operating point
     data = ChestXRayDataModule(source=args.data_source, root=args.data_root, image_size=args.image_size,
                                channels=teacher_stage.hparams.in_chans)
@@ -189,26 +191,25 @@ def main() -> None:
     images, labels, keys = stratified_images(data.datasets["test"], args.max_images)
     count = len(images)
     white = min(args.whitebox_images, count)
-    attack = AttackSpec(method="pgd", eps=args.eps, steps=args.attack_steps)
-    whitebox_attack = AttackSpec(method="pgd", eps=args.eps, steps=args.attack_steps, eot_samples=args.eot_samples)
+    # The teacher's white-box PGD is the defenses' gray-box attack; white-box attacks run on the first `white` images.
+    attack = AttackSpec(method="pgd", eps=args.eps, steps=args.attack_steps, threat_model="graybox", name="graybox")
+    whitebox_attack = AttackSpec(method="pgd", eps=args.eps, steps=args.attack_steps, eot_samples=args.eot_samples, max_images=white, name="whitebox")
     size = args.batch_size
-
-    teacher_clean = seeded_correct(teacher, images, labels, size, args.seed)
     classes = data.num_classes
-    graybox = craft(attack, teacher, images, labels, keys, size, args.seed, classes)  # white-box on the teacher, gray-box for the defenses
-    teacher_attacked = seeded_correct(teacher, graybox, labels, size, args.seed)
+    common = dict(images=images, labels=labels, keys=keys, seed=args.seed, num_classes=classes)
+    alone = DefendedModel.alone("teacher", teacher)
+    on_teacher = evaluate_subject(alone, [replace(attack, threat_model="whitebox"), whitebox_attack], batch_size=size, **common)
     results = dict(
         data=args.data_source if args.data_root is None else f"{args.data_source}:{Path(args.data_root).name}",
         device=f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load average "
                f"{os.getloadavg()[0]:.1f} at start)",
         device_short=f"CPU, {torch.get_num_threads()} threads", torch=torch.__version__, images=count, whitebox_images=white,
         eps=args.eps, attack=f"PGD-{args.attack_steps}", eot_samples=args.eot_samples, batch_size=size,
-        robust="right both clean and attacked, clean and attacked images purified with the same noise",
+        robust="right both clean and attacked, clean and attacked images purified on independent draws (the report's convention)",
         teacher=dict(
-            clean_acc=accuracy(teacher_clean)[0],
-            whitebox_robust_acc=accuracy(teacher_clean[:white] & teacher_attacked[:white])[0],
-            whitebox_robust_acc_all=accuracy(teacher_clean & teacher_attacked)[0], whitebox_clean_acc=accuracy(teacher_clean[:white])[0],
-            clean_balanced_acc=balanced_accuracy(teacher_clean, labels),
+            clean_acc=float(on_teacher["none"]["clean_acc"]), whitebox_robust_acc=float(on_teacher["whitebox"]["robust_acc"]),
+            whitebox_robust_acc_all=float(on_teacher["graybox"]["robust_acc"]), whitebox_clean_acc=float(on_teacher["whitebox"]["clean_acc"]),
+            clean_balanced_acc=float(on_teacher["none"]["clean_balanced_acc"]),
         ),
         defenses=[],
     )
@@ -225,20 +226,19 @@ def main() -> None:
         purifier = load_purifier(directory, differentiable=True, **purifier_settings)
         for repeats in args.diffusion_repeats if kind == "diffusion" else args.nim_repeats:
             defended = PurifiedClassifier(purifier, teacher, n_repeats=repeats)
-            batch_size = max(1, size // repeats)  # the purifier runs on batches of about --batch-size images
-            clean, robust_gray = clean_and_robust(defended, images, labels, keys, batch_size, args.seed, classes, adversarial=graybox)
             attack_start = time.perf_counter()
-            _, robust_white = clean_and_robust(defended, images[:white], labels[:white], keys[:white], batch_size, args.seed, classes,
-                                               attack=whitebox_attack)
-            attack_seconds = time.perf_counter() - attack_start
+            measured = evaluate_subject(alone.behind(f"purifier/{purifier.label}", purifier, defended), [attack, whitebox_attack],
+                                        batch_size=max(1, size // repeats), **common)  # the purifier runs on batches of about --batch-size
+            gray, white_box = measured["graybox"], measured["whitebox"]
             row = dict(
                 kind=kind, family=family + (f" x{repeats}" if repeats > 1 else ""), label=purifier.label, strength=strength,
                 strength_label=strength_label, noise_level_255=255 * noise_level(purifier), n_repeats=repeats,
-                clean_acc=accuracy(clean)[0], graybox_robust_acc=accuracy(robust_gray)[0], graybox_robust_acc_se=accuracy(robust_gray)[1],
-                whitebox_eot_robust_acc=accuracy(robust_white)[0], whitebox_eot_robust_acc_se=accuracy(robust_white)[1],
-                whitebox_clean_acc=accuracy(clean[:white])[0], whitebox_attack_seconds=attack_seconds,
-                clean_balanced_acc=balanced_accuracy(clean, labels), graybox_robust_balanced_acc=balanced_accuracy(robust_gray, labels),
-                whitebox_eot_robust_balanced_acc=balanced_accuracy(robust_white, labels[:white]),
+                clean_acc=float(gray["clean_acc"]), graybox_robust_acc=float(gray["robust_acc"]),
+                graybox_robust_acc_se=standard_error(float(gray["robust_acc"]), count),
+                whitebox_eot_robust_acc=float(white_box["robust_acc"]), whitebox_eot_robust_acc_se=standard_error(float(white_box["robust_acc"]), white),
+                whitebox_clean_acc=float(white_box["clean_acc"]), attack_seconds=time.perf_counter() - attack_start,
+                clean_balanced_acc=float(gray["clean_balanced_acc"]), graybox_robust_balanced_acc=float(gray["robust_balanced_acc"]),
+                whitebox_eot_robust_balanced_acc=float(white_box["robust_balanced_acc"]),
             )
             results["defenses"].append(row)
             defended_models.append(defended)

@@ -29,7 +29,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from datamodules import ChestXRayDataModule  # noqa: E402
-from lightning_modules.classifier import TEACHER_COMMAND, load_classifier_module  # noqa: E402
+from lightning_modules.classifier import TEACHER_COMMAND, load_classifier  # noqa: E402
 from robust_cxr.attacks import AttackSpec, craft_adversarial  # noqa: E402
 from robust_cxr.purification import PurifiedClassifier, Purifier  # noqa: E402
 
@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    teacher = load_classifier_module(args.teacher_ckpt, TEACHER_COMMAND)
+    teacher = load_classifier(args.teacher_ckpt, TEACHER_COMMAND)
     classifier = teacher.model.to(device)
     data = ChestXRayDataModule(
         source=args.data_source, root=args.data_root, image_size=args.image_size, channels=teacher.hparams.in_chans

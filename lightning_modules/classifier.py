@@ -8,11 +8,10 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from lightning_modules.optimization import adamw_warmup_cosine
-from lightning_modules.stage import StageModule, load_stage_module
+from lightning_modules.optimization import decay_groups
+from lightning_modules.stage import StageModule, StepLoss, load_stage_module
 from robust_cxr.distillation import soft_target_kl, weighted_mean
 from robust_cxr.metrics import LogitsAndLabels, class_scores, classification_metrics, margin_threshold_for_sensitivity
 from robust_cxr.models import OperatingPoint
@@ -70,13 +69,11 @@ class ImageClassifierModule(StageModule):
         self.model: nn.Module
 
     def register_frozen_teacher(self, teacher: ImageClassifierModule) -> None:
-        """Makes the loaded `teacher` stage's classifier, at its operating point, ``self.teacher`` (see `register_frozen`),
-        and its decision threshold ``self.teacher_threshold`` for the report rows."""
-        deployed = teacher.deployed_model()
-        self.register_frozen("teacher", deployed.undefended)
-        self.teacher_threshold = deployed.decision_threshold
+        """Makes the loaded `teacher` stage's classifier, at its operating point, ``self.teacher`` (see `register_frozen`)."""
+        self.register_frozen("teacher", teacher.deployed_model().undefended)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         # Checkpoints written before operating points were saved decide by argmax.
         checkpoint["state_dict"].setdefault("operating_point.offset", torch.zeros(self.hparams.num_classes))
 
@@ -100,16 +97,7 @@ class ImageClassifierModule(StageModule):
     def deployed_model(self) -> DefendedModel:
         """What this stage deploys: its ``pipeline`` (any defense, then the classifier) and its ``undefended`` classifier (without
         the defense), both at the operating point and mapping [0, 1] images (B, C, H, W) to logits (B, K)."""
-        classifier = self.decision_classifier()
-        return DefendedModel(self.report_name, "none", classifier, classifier, decision_threshold=self.operating_point.probability_threshold)
-
-    def robustness_subjects(self) -> list[DefendedModel]:
-        """The deployed models the adversarial callback evaluates (see `DefendedModel`)."""
-        return [self.deployed_model()]
-
-    def adversarial_training_source(self) -> nn.Module:
-        """The module that adversarial-training attacks follow: the classifier being trained."""
-        return self.model
+        return DefendedModel.alone(self.report_name, self.decision_classifier())
 
     def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
         """(B,) loss weights of images with labels (B,): their class's weight."""
@@ -120,7 +108,7 @@ class ImageClassifierModule(StageModule):
         losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.hparams.label_smoothing)
         return weighted_mean(losses, self.sample_weights(labels))
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
         """Loss of a training batch and the logits of ``batch["image"]``; adds the TRADES term when present."""
         logits = self.model(batch["image"])
         loss = self.loss(logits, batch["label"])
@@ -129,7 +117,7 @@ class ImageClassifierModule(StageModule):
             count = len(adversarial_logits)
             kl = soft_target_kl(adversarial_logits, logits[:count], weights=self.sample_weights(batch["label"][:count]))
             loss = loss + batch["trades_beta"] * kl
-        return loss, logits
+        return StepLoss(loss, logits)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits = self.training_loss(batch)
@@ -167,11 +155,9 @@ class ImageClassifierModule(StageModule):
         self.test_metrics.update(class_scores(self.operating_point(logits)), batch["label"])
         self.log_dict(self.test_metrics)
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        no_decay = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=no_decay)
-        return adamw_warmup_cosine(self, groups, hp.lr, hp.weight_decay, hp.warmup_epochs)
+    def optimized_parameters(self) -> list[dict]:
+        """The classifier's parameters, without weight decay on norms, biases and the model's `no_weight_decay` names."""
+        return decay_groups(self.model, self.hparams.weight_decay)
 
 
 def _check_imbalance_options(num_classes: int, class_weights: str | list[float], target_sensitivity: float | None) -> None:
@@ -206,28 +192,7 @@ TEACHER_COMMAND = "python train.py --config configs/teacher.yaml"  # what writes
 CLASSIFIER_COMMAND = "python train.py --config configs/<stage>.yaml"  # what writes any classifier stage's checkpoint
 
 
-def load_classifier_module(
-    checkpoint_path: str | Path, made_by: str, num_classes: int | None = None, class_names: list[str] | None = None
-) -> ImageClassifierModule:
-    """The classifier stage saved in `checkpoint_path` (any `ImageClassifierModule`), as `load_stage_module` loads it.
-
-    When given, `num_classes` and `class_names` (the data's) must match the classes the module was trained on.
-    """
-    module = load_stage_module(checkpoint_path, made_by, ImageClassifierModule, "classifier")
-    trained_names, trained_count = module.hparams.get("class_names"), module.hparams.num_classes
-    if (num_classes is not None and trained_count != num_classes) or (class_names and trained_names and list(trained_names) != list(class_names)):
-        raise ValueError(
-            f"The classifier in {checkpoint_path} was trained on classes {trained_names} ({trained_count}) but the data have "
-            f"{class_names} ({num_classes}); use a checkpoint trained on this data, or the data it was trained on."
-        )
-    return module
-
-
-def check_teacher_input(teacher_hparams: dict, teacher_ckpt: str, in_chans: int, image_size: int) -> None:
-    """Raises ValueError when the teacher was trained on images of other channels or side than the data's."""
-    teacher_input = (teacher_hparams.get("in_chans", in_chans), teacher_hparams.get("image_size", image_size))
-    if teacher_input != (in_chans, image_size):
-        raise ValueError(
-            f"The teacher {teacher_ckpt} takes {teacher_input[0]}-channel {teacher_input[1]} px images, the data are "
-            f"{in_chans}-channel {image_size} px. Set --data.channels and --data.image_size to the teacher's."
-        )
+def load_classifier(checkpoint_path: str | Path, made_by: str = CLASSIFIER_COMMAND, **data: object) -> ImageClassifierModule:
+    """The classifier stage (any `ImageClassifierModule`) of `checkpoint_path`, as `load_stage_module` loads it, trained on
+    `data` (``class_names``, ``num_classes``, ``in_chans``, ``image_size``; those given)."""
+    return load_stage_module(checkpoint_path, made_by, ImageClassifierModule, "classifier", **data)

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.optimization import adamw_warmup_cosine
-from lightning_modules.stage import StageModule, calibrate_detector_threshold, load_stage_module
+from lightning_modules.stage import StageModule, StepLoss, TrainingAttack, calibrate_detector_threshold, load_stage_module
 from robust_cxr.frequency import DetectThenReform, FrequencyDetector, FrequencyRepresentation
-from robust_cxr.attacks import cross_entropy
+from robust_cxr.attacks import AttackSpec, cross_entropy
 from robust_cxr.metrics import LogitsAndLabels
 from robust_cxr.models import ResidualRestorer, check_unet_image_size
 from robust_cxr.tasks import Task, per_image_mse
@@ -37,14 +36,10 @@ class TargetDefenseStage(StageModule):
 
     def __init__(self, target_ckpt: str, in_chans: int, image_size: int):
         super().__init__()
-        target = load_stage_module(target_ckpt, TARGET_COMMAND)
-        if not hasattr(target, "task"):
+        target = load_stage_module(target_ckpt, TARGET_COMMAND, in_chans=in_chans, image_size=image_size)
+        if target.task is None:
             raise ValueError(f"{target_ckpt} holds a {type(target).__name__} stage, which has no task to defend; "
                              "pass a classifier's or the segmenter's checkpoint as target_ckpt.")
-        trained = (target.hparams.get("in_chans"), target.hparams.get("image_size"))
-        if trained != (in_chans, image_size):
-            raise ValueError(f"The target in {target_ckpt} takes {trained[0]}-channel {trained[1]} px images, the data are "
-                             f"{in_chans}-channel {image_size} px: set --data.channels {trained[0]} --data.image_size {trained[1]}.")
         self.target_deployed: DefendedModel = target.deployed_model()
         self.register_frozen("target", self.target_deployed.pipeline)
         self._task: Task = target.task
@@ -57,17 +52,19 @@ class TargetDefenseStage(StageModule):
         """The frozen target: the defense learns from attacks on it."""
         return self.target
 
-    def adversarial_training_targets(self, batch: dict[str, torch.Tensor], count: int) -> tuple[dict, torch.Tensor, None]:
-        """The target's own objective on the first `count` images; the callback adds them as ``adversarial_image``."""
-        return batch, self._task.targets(batch)[:count], None
+    def check_adversarial_training(self, trades_beta: float | None) -> None:
+        if trades_beta is not None:
+            raise ValueError(f"{type(self).__name__} learns from attacks on its target's own objective, which TRADES would override: "
+                             "set trades_beta to null.")
+
+    def adversarial_training_attack(self, batch: dict[str, torch.Tensor], count: int, spec: AttackSpec, trades_beta: float | None) -> TrainingAttack:
+        """The target's own objective on the first `count` images; the adversarial images go beside the clean ones."""
+        targets, loss = self._task.attack_objective(spec, self._task.targets(batch)[:count])
+        return TrainingAttack(batch, targets, loss, paired=True)
 
     def on_fit_start(self) -> None:
         if not any(getattr(callback, "train_attacks", None) for callback in self.trainer.callbacks):
             raise ValueError(f"{type(self).__name__} learns from adversarial images: set adversarial.train_attack or adversarial.train_attack_mix.")
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return adamw_warmup_cosine(self, self.model.parameters(), hp.lr, hp.weight_decay, hp.warmup_epochs)
 
 
 class AdversarialDetector(TargetDefenseStage):
@@ -116,24 +113,26 @@ class AdversarialDetector(TargetDefenseStage):
         checkpoint["seen_attacks"] = self.seen_attacks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.seen_attacks = list(checkpoint.get("seen_attacks", []))
 
     def deployed_model(self) -> DefendedModel:
         """The target with the detector attached (its outputs unchanged)."""
-        target = self.target_deployed
-        return DefendedModel(target.model, "detector", self.target, self.target, decision_threshold=target.decision_threshold,
-                             threat_models=("whitebox", "adaptive"), detector=self.model, detector_seen=tuple(self.seen_attacks))
+        target = DefendedModel.alone(self.target_deployed.model, self.target)
+        return target.with_detector(self.model, self.seen_attacks).attacked_under("whitebox", "adaptive")
 
-    def robustness_subjects(self) -> list[DefendedModel]:
-        return [self.deployed_model()]
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
+        """Binary cross-entropy of the scores (2B,) of the clean (0) and the attacked (1) images, and those scores."""
         # One forward over both: BatchNorm statistics of a clean-only or an attacked-only batch would hide the difference.
         scores = self.model(torch.cat([batch["image"], batch["adversarial_image"]]))
         labels = torch.cat([torch.zeros(len(batch["image"])), torch.ones(len(batch["adversarial_image"]))]).to(scores)
-        loss = F.binary_cross_entropy_with_logits(scores, labels)
+        return StepLoss(F.binary_cross_entropy_with_logits(scores, labels), scores)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, scores = self.training_loss(batch)
+        flagged_right = (scores > 0) == torch.arange(len(scores), device=scores.device).ge(len(batch["image"]))
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/detection_acc", ((scores > 0) == labels.bool()).float().mean(), prog_bar=True)
+        self.log("train/detection_acc", flagged_right.float().mean(), prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -193,24 +192,21 @@ class AdversarialReformer(TargetDefenseStage):
 
     def deployed_model(self) -> DefendedModel:
         """The reformer, then the target."""
-        target = self.target_deployed
-        return DefendedModel(target.model, "reformer", self.target, nn.Sequential(self.model, self.target),
-                             defense_module=self.model, decision_threshold=target.decision_threshold)
+        return self.target_alone().behind("reformer", self.model)
+
+    def target_alone(self) -> DefendedModel:
+        return DefendedModel.alone(self.target_deployed.model, self.target)
 
     def robustness_subjects(self) -> list[DefendedModel]:
-        target = self.target_deployed
-        subjects = [DefendedModel(target.model, "none", self.target, self.target, decision_threshold=target.decision_threshold),
-                    self.deployed_model()]
+        subjects = [self.target_alone(), self.deployed_model()]
         if self.detector_stage is not None:
             detect_then_reform = DetectThenReform(self.detector, self.model)
-            subjects.append(DefendedModel(
-                target.model, "detector+reformer", self.target, nn.Sequential(detect_then_reform, self.target),
-                defense_module=detect_then_reform, decision_threshold=target.decision_threshold,
-                detector=self.detector, detector_seen=tuple(self.detector_stage.seen_attacks),
-            ))
+            subjects.append(self.target_alone().behind("detector+reformer", detect_then_reform).with_detector(self.detector, self.detector_stage.seen_attacks))
         return subjects
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
+        """The pixel loss (MSE) of the reformed attacked and clean images against the clean ones, plus with
+        `task_loss_weight` the target's loss on the reformed attacked images; and the reformed images."""
         adversarial, clean = batch["adversarial_image"], batch["image"]
         count = len(adversarial)
         # One forward over both, so that BatchNorm sees the mix the reformer meets.
@@ -219,6 +215,10 @@ class AdversarialReformer(TargetDefenseStage):
         if self.hparams.task_loss_weight > 0:
             task_loss = (self._task.attack_loss or cross_entropy)(self.target(reformed[:count]), self._task.targets(batch)[:count]).mean()
             loss = loss + self.hparams.task_loss_weight * task_loss
+        return StepLoss(loss, reformed)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import param_groups_weight_decay
-from torchmetrics import MeanMetric
 
-from lightning_modules.optimization import adamw_warmup_cosine
+from lightning_modules.optimization import decay_groups
+from lightning_modules.stage import ExportingDenoiserStage, mean_metrics
 from robust_cxr.metrics import per_image_psnr
-from lightning_modules.stage import ExportingDenoiserStage
 from robust_cxr.nim import DE3_NOISE, NIMPurifier, NoiseScale, NoisyImageModel
 
 DEFAULT_ARCHITECTURE = dict(
@@ -60,8 +58,8 @@ class NoisyImageModeling(ExportingDenoiserStage):
         if eval_sigma <= 0:
             raise ValueError(f"eval_sigma must be > 0 (a noise std in [0, 1] pixel units, e.g. 0.294 for 75/255), got {eval_sigma}.")
         self.model = NoisyImageModel(image_size=image_size, in_chans=in_chans, **{**DEFAULT_ARCHITECTURE, **(architecture or {})})
-        self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in ("loss", "psnr", "psnr_noisy")})
-        self.test_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in ("loss", "psnr", "psnr_noisy")})
+        self.val_metrics = mean_metrics("loss", "psnr", "psnr_noisy")
+        self.test_metrics = mean_metrics("loss", "psnr", "psnr_noisy")
 
     def purifier(self, **settings) -> NIMPurifier:
         """The model as the De^3 defense (`NIMPurifier`), at `eval_sigma` unless `settings` say otherwise."""
@@ -78,18 +76,16 @@ class NoisyImageModeling(ExportingDenoiserStage):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def update_evaluation_metrics(self, images: torch.Tensor, generator: torch.Generator, metrics: torch.nn.ModuleDict) -> None:
+    def evaluation_values(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         sigma = torch.full((len(images),), self.hparams.eval_sigma, device=images.device)
         noisy = self.noised(images, sigma, generator)
-        metrics["loss"].update(self.model.reconstruction_loss(noisy, images), weight=len(images))
-        metrics["psnr"].update(per_image_psnr(self.model(noisy, sigma).clamp(0, 1), images))
-        metrics["psnr_noisy"].update(per_image_psnr(noisy.clamp(0, 1), images))
+        return dict(loss=self.model.reconstruction_loss(noisy, images).expand(len(images)),
+                    psnr=per_image_psnr(self.model(noisy, sigma).clamp(0, 1), images), psnr_noisy=per_image_psnr(noisy.clamp(0, 1), images))
 
     def export(self, directory: Path) -> None:
         """``config.json`` (architecture and training noise) and ``model.safetensors``."""
         self.purifier().save_pretrained(directory, training_noise=self.noise.spec)
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=self.model.no_weight_decay())
-        return adamw_warmup_cosine(self, groups, hp.lr, hp.weight_decay, hp.warmup_epochs)
+    def optimized_parameters(self) -> list[dict]:
+        """The denoiser's parameters, without weight decay on norms, biases and position embeddings."""
+        return decay_groups(self.model, self.hparams.weight_decay)

@@ -7,6 +7,8 @@ from typing import Any, Iterable
 
 import lightning as L
 import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.01) -> float:
@@ -25,3 +27,10 @@ def adamw_warmup_cosine(module: L.LightningModule, params: Iterable[Any], lr: fl
     warmup_steps = round(warmup_epochs * total_steps / max(1, module.trainer.max_epochs or 1))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """`model`'s parameters in two AdamW groups: `weight_decay` on weights, none on norms, biases and the model's own
+    `no_weight_decay()` names (a ViT's position embeddings and class token)."""
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)

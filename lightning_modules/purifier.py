@@ -9,10 +9,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
-from torchmetrics import MeanMetric
 
-from lightning_modules.optimization import adamw_warmup_cosine
-from lightning_modules.stage import ExportingDenoiserStage
+from lightning_modules.stage import ExportingDenoiserStage, mean_metrics
 from robust_cxr.metrics import per_image_psnr
 from robust_cxr.purification import PurificationMethod, Purifier, load_unet, write_default_settings
 
@@ -91,8 +89,8 @@ class DiffusionPurifier(ExportingDenoiserStage):
             raise ValueError(f"max_train_timestep ({max_train_timestep}) must be >= t_star ({t_star}): the UNet would never see t*.")
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.float(), persistent=False)
-        self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in ("denoising_loss", "psnr", "psnr_noisy")})
-        self.test_metrics = copy.deepcopy(self.val_metrics)
+        self.val_metrics = mean_metrics("denoising_loss", "psnr", "psnr_noisy")
+        self.test_metrics = mean_metrics("denoising_loss", "psnr", "psnr_noisy")
 
     def purifier(self, **settings) -> Purifier:
         """The EMA UNet as a `Purifier` (t_star, method, steps from the hyperparameters unless given)."""
@@ -120,14 +118,13 @@ class DiffusionPurifier(ExportingDenoiserStage):
         decay = min(self.hparams.ema_decay, (1 + updates) / (10 + updates))
         torch._foreach_lerp_(list(self.ema_unet.parameters()), list(self.unet.parameters()), 1 - decay)
 
-    def update_evaluation_metrics(self, images: torch.Tensor, generator: torch.Generator, metrics: torch.nn.ModuleDict) -> None:
-        metrics["denoising_loss"].update(self.denoising_loss(self.ema_unet, images, generator), weight=len(images))
+    def evaluation_values(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        loss = self.denoising_loss(self.ema_unet, images, generator)
         purified = self.purifier()(images, generator=generator)
         abar = self.alphas_cumprod[self.hparams.t_star]
         noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
         noisy = (abar.sqrt() * (2 * images - 1) + (1 - abar).sqrt() * noise + 1) / 2
-        metrics["psnr"].update(per_image_psnr(purified, images))
-        metrics["psnr_noisy"].update(per_image_psnr(noisy.clamp(0, 1), images))
+        return dict(denoising_loss=loss.expand(len(images)), psnr=per_image_psnr(purified, images), psnr_noisy=per_image_psnr(noisy.clamp(0, 1), images))
 
     def export(self, directory: Path) -> None:
         """The EMA UNet and the scheduler (diffusers folders ``unet/``, ``scheduler/``), and t_star, method and steps as
@@ -136,9 +133,9 @@ class DiffusionPurifier(ExportingDenoiserStage):
         hp = self.hparams
         write_default_settings(directory, {"t_star": hp.t_star, "method": hp.method, "steps": hp.steps})
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        return adamw_warmup_cosine(self, self.unet.parameters(), hp.lr, hp.weight_decay, hp.warmup_epochs)
+    def optimized_parameters(self):
+        """The UNet's parameters (not its EMA copy)."""
+        return self.unet.parameters()
 
 
 def _new_unet(in_chans: int, image_size: int, settings: dict[str, Any] | None) -> UNet2DModel:

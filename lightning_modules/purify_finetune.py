@@ -8,15 +8,14 @@ One mechanism, `FinetunedBehindPurifier`, for any stage whose network is ``self.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier_module
+from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier
 from lightning_modules.restorer import NETWORK_ARGUMENTS, RESTORER_COMMAND, Restorer
-from lightning_modules.stage import MODEL_INPUT_KEYS, StageModule, load_stage_module
+from lightning_modules.stage import MODEL_INPUT_KEYS, StageModule, StepLoss, load_stage_module
 from robust_cxr.purification import PurifiedModel, load_purifier, resolve_purifier_settings
 from robust_cxr.threat import DefendedModel
 
@@ -65,7 +64,7 @@ class FinetunedBehindPurifier:
         self.model = copy.deepcopy(start.model).train().requires_grad_(True)
         baseline = start.deployed_model()
         self.register_frozen("start_model", baseline.undefended)
-        self.start_name, self.start_threshold = baseline.model, baseline.decision_threshold
+        self.start_name = baseline.model
 
     def register_purifier(self, settings: dict[str, Any] | None) -> None:
         """Makes the export in `purifier_dir` with `settings` over the export's defaults, differentiable (for white-box
@@ -78,7 +77,7 @@ class FinetunedBehindPurifier:
         """The purifier then the fine-tuned model (before any operating point): [0, 1] images (B, C, H, W) -> outputs (B, ...)."""
         return PurifiedModel(self.purifier, self.model, self.hparams.n_repeats)(images)
 
-    def training_loss(self, batch: dict[str, torch.Tensor]):
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
         """The stage's training loss on the batch with its inputs purified at a strength drawn from `train_strength_range`."""
         purifier = self.training_purifier()
         return super().training_loss({key: purifier(value) if key in MODEL_INPUT_KEYS else value for key, value in batch.items()})
@@ -92,8 +91,7 @@ class FinetunedBehindPurifier:
 
     def behind_purifier(self, alone: DefendedModel) -> DefendedModel:
         """`alone` (a model without a defense) deployed behind the purifier; gray-box attacks follow `alone.undefended`."""
-        pipeline = PurifiedModel(self.purifier, alone.undefended, self.hparams.n_repeats)
-        return replace(alone, defense=f"purifier/{self.purifier.label}", pipeline=pipeline, defense_module=self.purifier)
+        return alone.behind(f"purifier/{self.purifier.label}", self.purifier, PurifiedModel(self.purifier, alone.undefended, self.hparams.n_repeats))
 
     def deployed_model(self) -> DefendedModel:
         """The purifier then the fine-tuned model, and the fine-tuned model alone (the stage's own deployed model)."""
@@ -101,7 +99,7 @@ class FinetunedBehindPurifier:
 
     def robustness_subjects(self) -> list[DefendedModel]:
         """The starting model alone, the starting model behind the purifier, and the fine-tuned model behind it."""
-        start = DefendedModel(self.start_name, "none", self.start_model, self.start_model, decision_threshold=self.start_threshold)
+        start = DefendedModel.alone(self.start_name, self.start_model)
         return [start, self.behind_purifier(start), self.deployed_model()]
 
 
@@ -136,7 +134,8 @@ class PurifyThenFinetune(FinetunedBehindPurifier, ImageClassifierModule):
     ):
         super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights, target_sensitivity)
         self.save_hyperparameters()
-        teacher = load_classifier_module(teacher_ckpt, TEACHER_COMMAND, num_classes, class_names)
+        teacher = load_classifier(teacher_ckpt, TEACHER_COMMAND, num_classes=num_classes, class_names=class_names, in_chans=in_chans,
+                                  image_size=image_size)
         self.start_behind_purifier(teacher)
         self.operating_point.offset.copy_(teacher.operating_point.offset)  # starts at the teacher's; target_sensitivity re-chooses it
 
@@ -180,10 +179,7 @@ class PurifyThenFinetuneRestorer(FinetunedBehindPurifier, Restorer):
         weight_decay: float = 1e-4,
         warmup_epochs: float = 0.2,
     ):
-        restorer = load_stage_module(restorer_ckpt, RESTORER_COMMAND, Restorer, "restorer")
-        if restorer.hparams.in_chans != in_chans:
-            raise ValueError(f"The restorer in {restorer_ckpt} takes {restorer.hparams.in_chans} channels but the data have {in_chans}; "
-                             f"set --data.channels {restorer.hparams.in_chans} or pass a restorer trained on this data.")
+        restorer = load_stage_module(restorer_ckpt, RESTORER_COMMAND, Restorer, "restorer", in_chans=in_chans)
         network = {name: restorer.hparams[name] for name in NETWORK_ARGUMENTS}
         super().__init__(num_classes, class_names, in_chans, image_size, **network, pixel_loss=pixel_loss, ssim_weight=ssim_weight,
                          lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)

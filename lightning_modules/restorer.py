@@ -5,25 +5,15 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torch import nn
 
-from lightning_modules.optimization import adamw_warmup_cosine
-from lightning_modules.stage import StageModule
+from lightning_modules.stage import StageModule, StepLoss, mean_metrics
 from robust_cxr.models import ResidualRestorer, check_unet_image_size
 from robust_cxr.tasks import RestorationTask, restoration_loss
-from robust_cxr.threat import DefendedModel
 
 RESTORER_COMMAND = "python train.py --config configs/restore.yaml"  # what writes runs/restorer/checkpoints/best.ckpt
+SCORES = ("psnr", "ssim", "psnr_degraded", "ssim_degraded")  # what validation and test log
 NETWORK_ARGUMENTS = ("encoder_name", "encoder_depth", "decoder_channels", "feature_channels", "head_channels")  # the ResidualRestorer
-
-
-def _psnr_and_ssim() -> MetricCollection:
-    """Per-image PSNR (dB) and SSIM averaged over images, updated with images and references (B, C, H, W) in [0, 1]."""
-    return MetricCollection({
-        "psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),
-        "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
-    })
 
 
 class Restorer(StageModule):
@@ -31,7 +21,8 @@ class Restorer(StageModule):
 
     Batches need ``clean`` (B, C, S, S), the image the input was degraded from (``--data.degradation``). The loss is a
     per-image pixel loss (`pixel_loss`, plus `ssim_weight` * (1 - SSIM)); validation and test log ``psnr`` and
-    ``ssim`` of the restored images (torchmetrics, per image, averaged) and ``psnr_degraded``, ``ssim_degraded`` of the
+    ``ssim`` of the restored images (per image, averaged: the figures of the report, `RestorationTask.image_scores`) and
+    ``psnr_degraded``, ``ssim_degraded`` of the
     degraded inputs themselves. Attacks and the robustness report follow `RestorationTask`.
 
     Args:
@@ -71,10 +62,8 @@ class Restorer(StageModule):
         if ssim_weight < 0:
             raise ValueError(f"--model.init_args.ssim_weight must be >= 0 (0: no SSIM term), got {ssim_weight}.")
         self.model = ResidualRestorer(in_chans, encoder_name, encoder_depth, decoder_channels, feature_channels, head_channels)
-        self.val_metrics = _psnr_and_ssim().clone(prefix="val/")
-        self.val_degraded_metrics = _psnr_and_ssim().clone(prefix="val/", postfix="_degraded")
-        self.test_metrics = _psnr_and_ssim().clone(prefix="test/")
-        self.test_degraded_metrics = _psnr_and_ssim().clone(prefix="test/", postfix="_degraded")
+        self.val_metrics = mean_metrics(*SCORES)
+        self.test_metrics = mean_metrics(*SCORES)
 
     @property
     def task(self) -> RestorationTask:
@@ -90,44 +79,31 @@ class Restorer(StageModule):
         """The stage's pipeline, what validation and test score: degraded (B, C, S, S) -> restored (B, C, S, S), in [0, 1]."""
         return self.model(images)
 
-    def deployed_model(self) -> DefendedModel:
-        """The restorer as deployed, degraded [0, 1] images (B, C, S, S) -> restored [0, 1] images (B, C, S, S)."""
-        return DefendedModel(self.report_name, "none", self.model, self.model)
-
-    def robustness_subjects(self) -> list[DefendedModel]:
-        return [self.deployed_model()]
-
-    def adversarial_training_source(self) -> torch.nn.Module:
-        return self.model
-
     def _loss(self, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         return restoration_loss(restored, clean, self.hparams.pixel_loss, self.hparams.ssim_weight).mean()
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
         """The pixel loss of the restorer on ``batch["image"]`` against ``batch["clean"]`` (adversarial training replaces
-        part of ``image`` by attacks: the targets stay the clean images)."""
-        return self._loss(self.model(batch["image"]), batch["clean"])
+        part of ``image`` by attacks: the targets stay the clean images), and the restored images."""
+        restored = self.model(batch["image"])
+        return StepLoss(self._loss(restored, batch["clean"]), restored)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.training_loss(batch)
+        loss = self.training_loss(batch).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection, degraded_metrics: MetricCollection) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: nn.ModuleDict) -> None:
         degraded, clean = batch["image"], batch["clean"]
         restored = self(degraded)
         self.log(f"{stage}/loss", self._loss(restored, clean), sync_dist=True, batch_size=len(restored))
-        metrics.update(restored, clean)
-        degraded_metrics.update(degraded, clean)
-        self.log_dict(metrics, prog_bar=stage == "val")
-        self.log_dict(degraded_metrics)
+        scores = self.task.image_scores(clean, restored)
+        degraded_scores = {f"{name}_degraded": value for name, value in self.task.image_scores(clean, degraded).items()}
+        self.log_means(stage, metrics, {**scores, **degraded_scores}, prog_bar=stage == "val")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metrics, self.val_degraded_metrics)
+        self._evaluate(batch, "val", self.val_metrics)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics, self.test_degraded_metrics)
+        self._evaluate(batch, "test", self.test_metrics)
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        return adamw_warmup_cosine(self, self.model.parameters(), hp.lr, hp.weight_decay, hp.warmup_epochs)

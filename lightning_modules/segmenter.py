@@ -5,22 +5,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.segmentation import DiceScore, MeanIoU
+from torch import nn
 
-from lightning_modules.optimization import adamw_warmup_cosine
-from lightning_modules.stage import StageModule
+from lightning_modules.stage import StageModule, StepLoss, mean_metrics
 from robust_cxr.models import check_unet_image_size, create_segmenter
 from robust_cxr.tasks import SegmentationTask, segmentation_loss
-from robust_cxr.threat import DefendedModel
-
-
-def _dice_and_iou() -> MetricCollection:
-    """Per-image foreground Dice and IoU averaged over images, updated with (B, H, W) {0, 1} predictions and masks."""
-    return MetricCollection({
-        "dice": DiceScore(num_classes=2, include_background=False, input_format="index"),
-        "iou": MeanIoU(num_classes=2, include_background=False, input_format="index"),
-    })
 
 
 class LungSegmenter(StageModule):
@@ -28,7 +17,7 @@ class LungSegmenter(StageModule):
 
     Batches need ``mask`` (B, 1, S, S) in {0, 1} (``--data.masks true``). The loss is pixel-wise binary cross-entropy
     plus soft Dice loss (`robust_cxr.tasks.segmentation_loss`); validation and test log ``dice`` and ``iou``
-    (torchmetrics, per image, averaged). Attacks and the robustness report follow `SegmentationTask`.
+    (per image, averaged: the figures of the report, `SegmentationTask.image_scores`). Attacks and the robustness report follow `SegmentationTask`.
 
     Args:
         num_classes, class_names: linked from the DataModule by the CLI; unused (one foreground class).
@@ -57,8 +46,8 @@ class LungSegmenter(StageModule):
         self.save_hyperparameters()
         check_unet_image_size(image_size, encoder_depth)
         self.model = create_segmenter(encoder_name, in_chans, encoder_depth, decoder_channels)
-        self.val_metrics = _dice_and_iou().clone(prefix="val/")
-        self.test_metrics = _dice_and_iou().clone(prefix="test/")
+        self.val_metrics = mean_metrics("dice", "iou")
+        self.test_metrics = mean_metrics("dice", "iou")
 
     @property
     def task(self) -> SegmentationTask:
@@ -72,26 +61,20 @@ class LungSegmenter(StageModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def deployed_model(self) -> DefendedModel:
-        """The segmenter as deployed, [0, 1] images (B, C, S, S) -> foreground logits (B, 1, S, S)."""
-        return DefendedModel(self.report_name, "none", self.model, self.model)
-
-    def robustness_subjects(self) -> list[DefendedModel]:
-        return [self.deployed_model()]
-
-    def adversarial_training_source(self) -> torch.nn.Module:
-        return self.model
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
+        """The mean `segmentation_loss` of ``batch["image"]``'s foreground logits (B, 1, S, S) against ``batch["mask"]``."""
+        logits = self.model(batch["image"])
+        return StepLoss(segmentation_loss(logits, batch["mask"]).mean(), logits)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = segmentation_loss(self.model(batch["image"]), batch["mask"]).mean()
+        loss = self.training_loss(batch).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: nn.ModuleDict) -> None:
         logits = self.model(batch["image"])
         self.log(f"{stage}/loss", segmentation_loss(logits, batch["mask"]).mean(), sync_dist=True, batch_size=len(logits))
-        metrics.update((logits[:, 0] > 0).long(), batch["mask"][:, 0].long())
-        self.log_dict(metrics, prog_bar=stage == "val")
+        self.log_means(stage, metrics, self.task.image_scores(batch["mask"], logits), prog_bar=stage == "val")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
@@ -99,6 +82,3 @@ class LungSegmenter(StageModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        return adamw_warmup_cosine(self, self.model.parameters(), hp.lr, hp.weight_decay, hp.warmup_epochs)

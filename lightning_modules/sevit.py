@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, check_teacher_input, load_classifier_module
-from lightning_modules.stage import calibrate_detector_threshold
+from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier
+from lightning_modules.stage import StepLoss, calibrate_detector_threshold
 from robust_cxr.metrics import LogitsAndLabels, class_scores
 from robust_cxr.models import NormalizedModel
 from robust_cxr.sevit import BlockHeads, ConsistencyDetector, SelfEnsemble, block_tokens_shape, consistency_score, vote_logits
@@ -22,8 +22,9 @@ class SelfEnsembleViT(ImageClassifierModule):
     the heads, whose logits are those of the hard majority vote (ties decided as the ViT decides) and whose gradient
     is that of the log of the members' mean softmax (straight-through; the vote itself has none).
 
-    The checkpoint holds the heads, the ViT they were trained on and the detector's threshold: each validation sets it
-    to the consistency score that `false_positive_rate` of the clean validation images exceed (gathered over ranks).
+    The checkpoint holds the heads and the detector's threshold, and names the teacher, whose ViT is loaded from its file
+    (`upstream_submodules`). Each validation sets the threshold to the consistency score that `false_positive_rate` of
+    the clean validation images exceed (gathered over ranks).
     The report evaluates the teacher alone and teacher + SEViT: gray-box (attacks crafted on the ViT alone, as the paper
     does), white-box through the straight-through vote, and the ``adaptive`` attack that also keeps the members
     consistent, with detection rows (AUROC, detection rate) for every attack.
@@ -39,6 +40,7 @@ class SelfEnsembleViT(ImageClassifierModule):
     """
 
     report_name = "teacher"
+    upstream_submodules = ("model.classifier", "model.operating_point")  # the teacher's ViT, from teacher_ckpt
 
     def __init__(
         self,
@@ -60,8 +62,8 @@ class SelfEnsembleViT(ImageClassifierModule):
         self.save_hyperparameters()
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 (heads on blocks 0 .. num_blocks - 1), got {num_blocks}.")
-        teacher = load_classifier_module(teacher_ckpt, TEACHER_COMMAND, num_classes, class_names)
-        check_teacher_input(teacher.hparams, teacher_ckpt, in_chans, image_size)
+        teacher = load_classifier(teacher_ckpt, TEACHER_COMMAND, num_classes=num_classes, class_names=class_names, in_chans=in_chans,
+                                  image_size=image_size)
         classifier = teacher.model
         if not (isinstance(classifier, NormalizedModel) and isinstance(classifier.backbone, VisionTransformer)):
             backbone = type(getattr(classifier, "backbone", classifier)).__name__
@@ -84,10 +86,10 @@ class SelfEnsembleViT(ImageClassifierModule):
         heads = member_logits[1:]
         return self.loss(heads.flatten(0, 1), labels.repeat(len(heads)))
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
         """The heads' loss and the vote logits (B, K) of ``batch["image"]``."""
         members = self.model.member_logits(batch["image"])
-        return self.heads_loss(members, batch["label"]), vote_logits(members)
+        return StepLoss(self.heads_loss(members, batch["label"]), vote_logits(members))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         members = self.model.member_logits(batch["image"])
@@ -110,14 +112,11 @@ class SelfEnsembleViT(ImageClassifierModule):
 
     def deployed_model(self) -> DefendedModel:
         """Teacher + SEViT: the vote of the ViT and its heads, with the consistency detector; gray-box attacks follow the ViT."""
-        vit = self.teacher_alone().undefended
-        return DefendedModel("teacher", "sevit", vit, self.model, decision_threshold=self.operating_point.probability_threshold,
-                             detector=ConsistencyDetector(self.model))
+        return self.teacher_alone().behind("sevit", pipeline=self.model).with_detector(ConsistencyDetector(self.model))
 
     def teacher_alone(self) -> DefendedModel:
         """The frozen ViT at its operating point, undefended: [0, 1] images (B, C, H, W) -> logits (B, K)."""
-        vit = torch.nn.Sequential(self.model.classifier, self.model.operating_point)
-        return DefendedModel("teacher", "none", vit, vit, decision_threshold=self.model.operating_point.probability_threshold)
+        return DefendedModel.alone("teacher", torch.nn.Sequential(self.model.classifier, self.model.operating_point))
 
     def robustness_subjects(self) -> list[DefendedModel]:
         return [self.teacher_alone(), self.deployed_model()]

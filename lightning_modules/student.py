@@ -8,8 +8,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, check_teacher_input, load_classifier_module
-from robust_cxr.attacks import LossFn, trades_kl
+from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier
+from lightning_modules.stage import StepLoss, TrainingAttack
+from robust_cxr.attacks import AttackSpec, trades_kl
 from robust_cxr.costs import model_costs, write_model_costs
 from robust_cxr.distillation import ard_loss, check_distillation_settings, kd_loss, rslad_loss
 from robust_cxr.models import create_student_classifier
@@ -25,7 +26,7 @@ class DistilledStudent(ImageClassifierModule):
     does not contain it.
 
     Robust distillation (`robust_kd`) needs the adversarial callback's `train_attack`: the callback
-    asks `adversarial_training_targets` what to attack, crafts against the student and adds
+    asks `adversarial_training_attack` what to attack, crafts against the student and adds
     ``adversarial_image`` (B', C, H, W) for the first B' clean images of the batch.
 
     Args:
@@ -75,8 +76,8 @@ class DistilledStudent(ImageClassifierModule):
         check_distillation_settings(temperature, alpha)
         self.save_hyperparameters()
         self.model = create_student_classifier(student_name, num_classes, in_chans, image_size, **(student_kwargs or {}))
-        teacher = load_classifier_module(teacher_ckpt, TEACHER_COMMAND, num_classes, class_names)
-        check_teacher_input(teacher.hparams, teacher_ckpt, in_chans, image_size)
+        teacher = load_classifier(teacher_ckpt, TEACHER_COMMAND, num_classes=num_classes, class_names=class_names, in_chans=in_chans,
+                                  image_size=image_size)
         if distill_purified and purifier_dir is None:
             raise ValueError("distill_purified=True needs purifier_dir, the purifier stage's export (runs/purifier/export).")
         self.register_frozen_teacher(teacher)
@@ -104,26 +105,30 @@ class DistilledStudent(ImageClassifierModule):
         if robust_kd == "none" and attacked:
             raise ValueError("robust_kd='none' distils on clean images; set robust_kd to 'ard' or 'rslad' to use adversarial.train_attack.")
 
-    def adversarial_training_targets(
-        self, batch: dict[str, torch.Tensor], count: int
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, LossFn | None]:
-        """What the training attack on the student's first `count` images of ``batch`` ascends.
+    def check_adversarial_training(self, trades_beta: float | None) -> None:
+        if trades_beta is not None:
+            raise ValueError(f"{type(self).__name__} chooses its own adversarial training targets (robust_kd), which TRADES would "
+                             "override: set trades_beta to null.")
 
-        ARD: cross-entropy with the labels (loss None). RSLAD: KL to the distilled model's probabilities
-        (count, K), from ``teacher_logits`` (B, K) that the returned batch carries on to `training_loss`, so
-        the teacher (and purifier) runs once per batch.
+    def adversarial_training_attack(self, batch: dict[str, torch.Tensor], count: int, spec: AttackSpec, trades_beta: float | None) -> TrainingAttack:
+        """What the training attack on the student's first `count` images of ``batch`` ascends; the adversarial images go
+        beside the clean ones.
+
+        ARD: the attack's own cross-entropy with the labels. RSLAD: KL to the distilled model's probabilities (count, K),
+        from ``teacher_logits`` (B, K) that the returned batch carries on to `training_loss`, so the teacher (and
+        purifier) runs once per batch.
         """
         if self.hparams.robust_kd == "rslad":
             batch = {**batch, "teacher_logits": self.teacher_logits(batch["image"])}
-            return batch, batch["teacher_logits"][:count].softmax(dim=1), trades_kl
-        return batch, batch["label"][:count], None
+            return TrainingAttack(batch, batch["teacher_logits"][:count].softmax(dim=1), trades_kl, paired=True)
+        return TrainingAttack(batch, batch["label"][:count], paired=True)
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The distilled model's logits (B, K) for [0, 1] images (B, C, H, W)."""
         return self.distilled(images)
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
         """The distillation loss of a training batch and the student's logits (B, K) of ``batch["image"]``."""
         hp = self.hparams
         images, labels = batch["image"], batch["label"]
@@ -131,25 +136,21 @@ class DistilledStudent(ImageClassifierModule):
         teacher_logits = batch["teacher_logits"] if "teacher_logits" in batch else self.teacher_logits(images)
         weights = self.sample_weights(labels)
         if hp.robust_kd == "none":
-            return kd_loss(logits, teacher_logits, labels, hp.temperature, hp.alpha, weights), logits
+            return StepLoss(kd_loss(logits, teacher_logits, labels, hp.temperature, hp.alpha, weights), logits)
         # While the eps warmup holds the training eps at 0 the callback adds nothing: x' is then x.
         adversarial_logits = self.model(batch["adversarial_image"]) if "adversarial_image" in batch else logits
         if hp.robust_kd == "ard":
-            return ard_loss(logits, adversarial_logits, teacher_logits, labels, hp.temperature, hp.alpha, weights), logits
-        return rslad_loss(logits, adversarial_logits, teacher_logits, hp.alpha, weights), logits
+            return StepLoss(ard_loss(logits, adversarial_logits, teacher_logits, labels, hp.temperature, hp.alpha, weights), logits)
+        return StepLoss(rslad_loss(logits, adversarial_logits, teacher_logits, hp.alpha, weights), logits)
 
     def robustness_subjects(self) -> list[DefendedModel]:
         """The student (white-box, and transfer from the teacher), the teacher clean (its white-box rows are the teacher
         stage's report, on the same test images), and with a purifier the teacher behind it, gray-box only: white-box
         attacks through the purifier, with EOT, belong to the purify-then-fine-tune report (configs/purify_finetune.yaml)."""
-        student = self.deployed_model()
-        student.transfer_source = self.teacher
-        teacher = DefendedModel("teacher", "none", self.teacher, self.teacher, threat_models=(), decision_threshold=self.teacher_threshold)
-        subjects = [student, teacher]
+        teacher = DefendedModel.alone("teacher", self.teacher)
+        subjects = [self.deployed_model().with_transfer_source(self.teacher), teacher.attacked_under()]
         if self.hparams.purifier_dir is not None:
-            defense = f"purifier/{self.purifier.label}"
-            subjects.append(DefendedModel("teacher", defense, self.teacher, self.defended_teacher, threat_models=("graybox",),
-                                          defense_module=self.purifier, decision_threshold=self.teacher_threshold))
+            subjects.append(teacher.behind(f"purifier/{self.purifier.label}", self.purifier, self.defended_teacher).attacked_under("graybox"))
         return subjects
 
     def on_test_epoch_end(self) -> None:

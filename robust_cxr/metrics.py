@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torchmetrics import Metric, MetricCollection
@@ -23,15 +24,33 @@ from torchmetrics.classification import (
 )
 
 
-class BalancedAccuracy(MulticlassAccuracy):
-    """Mean per-class recall, updated like `classification_metrics` with `class_scores(logits)` (binary: P(class 1)
-    (B,), decided at 0.5) and labels (B,)."""
+def class_recalls(correct: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class recall (K,) (NaN for a class without images) and balanced accuracy, their mean over the classes present,
+    from per-class counts of right decisions (K,) and of images (K,): the one balanced accuracy of every figure."""
+    present = total > 0
+    recalls = correct / total.double().where(present, torch.nan)
+    return recalls, recalls[present].mean()
 
-    def __init__(self, num_classes: int, **kwargs) -> None:
-        super().__init__(num_classes, average="macro", **kwargs)
+
+class BalancedAccuracy(Metric):
+    """Mean per-class recall over the classes present (`class_recalls`), updated like `classification_metrics` with
+    `class_scores(logits)` (binary: P(class 1) (B,), decided at 0.5) and labels (B,)."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("correct", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
-        super().update(scores if scores.ndim == 2 else (scores >= 0.5).long(), labels)
+        decisions = scores.argmax(dim=1) if scores.ndim == 2 else (scores >= 0.5).long()
+        self.correct += torch.bincount(labels[decisions == labels], minlength=self.num_classes)
+        self.total += torch.bincount(labels, minlength=self.num_classes)
+
+    def compute(self) -> torch.Tensor:
+        return class_recalls(self.correct, self.total)[1].float()
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -156,10 +175,8 @@ class RobustnessCounts(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         total = self.total.sum().clamp_min(1)
-        present = self.total > 0
-        per_class_total = self.total.double().where(present, torch.nan)
-        clean_recall = self.clean_correct / per_class_total
-        robust_recall = self.robust_correct / per_class_total
+        clean_recall, clean_balanced = class_recalls(self.clean_correct, self.total)
+        robust_recall, robust_balanced = class_recalls(self.robust_correct, self.total)
         clean, robust = self.clean_correct.sum(), self.robust_correct.sum()
         fooled = clean - robust
         return {
@@ -168,13 +185,55 @@ class RobustnessCounts(Metric):
             "after_attack_acc": self.after_attack_correct.sum() / total,
             "clean_recall": clean_recall,
             "robust_recall": robust_recall,
-            "clean_balanced_acc": clean_recall[present].mean(),
-            "robust_balanced_acc": robust_recall[present].mean(),
+            "clean_balanced_acc": clean_balanced,
+            "robust_balanced_acc": robust_balanced,
             "attack_success": fooled / clean.clamp_min(1),
             "perturbation": self.perturbation_sum / fooled if fooled > 0 else torch.tensor(torch.nan, dtype=torch.float64),
             "total": self.total.sum(),
             "robust_correct": robust,
         }
+
+
+class ImageScoreSums(Metric):
+    """Sums of per-image scores for one attack on one model, summed over DDP ranks: the counter of a task scored per image
+    (`robust_cxr.tasks.PerImageScoredTask`: segmentation, restoration).
+
+    `update` takes the targets (B, ...), the outputs (B, ...) of the clean and of the attacked images and (B,)
+    perturbation norms; `image_scores(targets, outputs)` gives one (B,) tensor per name of `names`, kept as
+    ``clean_<name>`` and ``<name>`` (attacked). `compute` returns the mean of each over the images, ``perturbation``
+    (mean norm) and ``total``.
+
+    Scores are summed as int64 multiples of ``1 / unit`` (each image's value rounded by less than 1 / unit): an exact
+    sum, the same whatever the order of images and ranks, so N-process DDP reports the same means as one process (a
+    float sum differs in the last bit). Values up to V allow 2**63 / (V * unit) images.
+    """
+
+    full_state_update = False
+
+    def __init__(self, names: tuple[str, ...], image_scores: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], unit: int) -> None:
+        super().__init__()
+        self.names, self.image_scores, self.unit = names, image_scores, unit
+        for name in self.states:
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("perturbation", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    @property
+    def states(self) -> list[str]:
+        return [*(f"clean_{name}" for name in self.names), *self.names]
+
+    def update(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor, perturbation: torch.Tensor) -> None:
+        clean, attacked = self.image_scores(targets, clean_outputs), self.image_scores(targets, adversarial_outputs)
+        values = [*(clean[name] for name in self.names), *(attacked[name] for name in self.names)]
+        for name, value in zip(self.states, values):
+            setattr(self, name, getattr(self, name) + (value.double() * self.unit).round().long().sum())
+        self.perturbation = self.perturbation + perturbation.double().sum()
+        self.total += len(targets)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        count = self.total.clamp_min(1)
+        scores = {name: getattr(self, name).double() / self.unit / count for name in self.states}
+        return {**scores, "perturbation": self.perturbation / count, "total": self.total}
 
 
 def dice_and_iou(predicted: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,96 +247,22 @@ def dice_and_iou(predicted: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Te
     return dice, iou
 
 
-class PerImageScoreSums(Metric):
-    """Sums of per-image scores for one attack on one model, summed over DDP ranks; the base of the counters of the
-    tasks scored per image (segmentation, restoration).
-
-    `update` takes the targets (B, ...), the outputs (B, ...) of the clean and of the attacked images and (B,)
-    perturbation norms; `scores` turns them into one (B,) tensor per name of `SCORES` (``clean_<metric>`` and
-    ``<metric>``, attacked). `compute` returns the mean of each over the images, ``perturbation`` (mean norm) and
-    ``total``.
-
-    Scores are summed as int64 multiples of ``1 / SCORE_UNIT`` (each image's value rounded by less than
-    1 / SCORE_UNIT): an exact sum, the same whatever the order of images and ranks, so N-process DDP reports the same
-    means as one process (a float sum differs in the last bit).
-    """
-
-    full_state_update = False
-    SCORES: tuple[str, ...] = ()
-    SCORE_UNIT: int = 2**40
-
-    def __init__(self) -> None:
-        super().__init__()
-        for name in self.SCORES:
-            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("perturbation", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def scores(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One (B,) tensor of per-image values per name of `SCORES`, in that order."""
-        raise NotImplementedError
-
-    def update(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor, perturbation: torch.Tensor) -> None:
-        for name, values in zip(self.SCORES, self.scores(targets, clean_outputs, adversarial_outputs)):
-            setattr(self, name, getattr(self, name) + (values.double() * self.SCORE_UNIT).round().long().sum())
-        self.perturbation = self.perturbation + perturbation.double().sum()
-        self.total += len(targets)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        count = self.total.clamp_min(1)
-        scores = {name: getattr(self, name).double() / self.SCORE_UNIT / count for name in self.SCORES}
-        return {**scores, "perturbation": self.perturbation / count, "total": self.total}
-
-
-class SegmentationRobustness(PerImageScoreSums):
-    """Per-image Dice and IoU sums for one attack on one segmenter, summed exactly over DDP ranks (`PerImageScoreSums`).
-
-    `update` takes masks (B, 1, H, W) in {0, 1}, the foreground logits (B, 1, H, W) of the clean and of the attacked
-    images (foreground where > 0), and (B,) perturbation norms. `compute` returns the means over the images:
-    ``clean_dice``, ``clean_iou``, ``dice``, ``iou`` (attacked), ``perturbation``; and ``total``. Scores in units of
-    2**-40: up to 2**23 images.
-    """
-
-    SCORES = ("clean_dice", "clean_iou", "dice", "iou")
-    SCORE_UNIT = 2**40
-
-    def scores(self, masks: torch.Tensor, clean_logits: torch.Tensor, adversarial_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        masks = masks > 0.5
-        return (*dice_and_iou(clean_logits > 0, masks), *dice_and_iou(adversarial_logits > 0, masks))
-
-
 PSNR_CEILING = 100.0  # dB: the PSNR of an image equal to its reference (infinite) counts as this
 
 
 def per_image_psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image (B,) of images (B, C, H, W) in [0, 1] against references of the same shape (data range 1)."""
-    return peak_signal_noise_ratio(images, references, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    """PSNR in dB per image (B,) float64 of images (B, C, H, W) in [0, 1] against references of the same shape:
+    torchmetrics' `peak_signal_noise_ratio` (data range 1), capped at `PSNR_CEILING` (an image equal to its reference
+    would read infinite): the one PSNR of every figure."""
+    psnr = peak_signal_noise_ratio(images.float(), references.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return psnr.double().clamp(max=PSNR_CEILING)
 
 
 def psnr_and_ssim(images: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image PSNR in dB and SSIM (B,) float64 of images (B, C, H, W) in [0, 1] against references of the same
-    shape: torchmetrics' `peak_signal_noise_ratio` and `structural_similarity_index_measure` (data range 1, Gaussian
-    window 11 px, sigma 1.5), PSNR capped at `PSNR_CEILING`."""
-    images, references = images.float(), references.float()
-    psnr = per_image_psnr(images, references)
-    ssim = structural_similarity_index_measure(images, references, data_range=1.0, reduction="none")
-    return psnr.double().clamp(max=PSNR_CEILING), ssim.double()
-
-
-class RestorationRobustness(PerImageScoreSums):
-    """Per-image PSNR and SSIM sums for one attack on one restorer, summed exactly over DDP ranks (`PerImageScoreSums`).
-
-    `update` takes the clean targets (B, C, H, W) in [0, 1], the restorer's outputs (B, C, H, W) in [0, 1] for the
-    clean (degraded) and for the attacked inputs, and (B,) perturbation norms. `compute` returns the means over the
-    images (`psnr_and_ssim`): ``clean_psnr``, ``clean_ssim``, ``psnr``, ``ssim`` (attacked), ``perturbation``; and
-    ``total``. Scores in units of 2**-32 (PSNR up to `PSNR_CEILING` dB): up to 2**24 images.
-    """
-
-    SCORES = ("clean_psnr", "clean_ssim", "psnr", "ssim")
-    SCORE_UNIT = 2**32
-
-    def scores(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (*psnr_and_ssim(clean_outputs, targets), *psnr_and_ssim(adversarial_outputs, targets))
+    """Per-image PSNR in dB (`per_image_psnr`) and SSIM (B,) float64 of images (B, C, H, W) in [0, 1] against references
+    of the same shape (torchmetrics' `structural_similarity_index_measure`: data range 1, Gaussian window 11 px, sigma 1.5)."""
+    ssim = structural_similarity_index_measure(images.float(), references.float(), data_range=1.0, reduction="none")
+    return per_image_psnr(images, references), ssim.double()
 
 
 class DetectionScores(Metric):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,10 +12,65 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from robust_cxr.attacks import AttackSpec
+from robust_cxr.attacks import AttackSpec, is_stochastic
+from robust_cxr.evaluation import WORST_CASE, SuiteEvaluation
 from robust_cxr.tasks import Task
+from robust_cxr.threat import DefendedModel, seen_label
 
 MARKDOWN_LEFT_OUT = ("correct",)  # a count the JSON keeps; the Markdown table gives its share
+
+
+def robustness_rows(evaluation: SuiteEvaluation, results: list[tuple[DefendedModel, str, dict, dict | None]]) -> list[dict]:
+    """The report's rows of `evaluation`'s `results` (`SuiteEvaluation.results`), in their order: per subject and attack
+    the setting (model, defense, the operating point's threshold, attack, threat model, norm, eps, what ran: steps, EOT,
+    version; the worst-case row names the attacks it is the worst of; the precision), then the task's columns
+    (`Task.report_rows`) and, for a subject with a detector, its rows (`detection_rows`). NaN is written as None."""
+    specs = {spec.label: spec for spec in evaluation.attacks}
+    rows = []
+    for subject, attack, result, detection in results:
+        setting = dict(model=subject.model, defense=subject.defense, threshold=subject.decision_threshold, attack=attack)
+        spec = specs.get(attack)
+        if attack == WORST_CASE:
+            suite = evaluation.applied(subject)
+            setting.update(
+                threat_model="+".join(dict.fromkeys(spec.threat_model for spec in suite)), norm="+".join(dict.fromkeys(spec.norm for spec in suite)),
+                eps=max(spec.eps for spec in suite), steps=None, eot_samples=None, eot_average=None, version=None,
+                worst_of=", ".join(spec.label for spec in suite),
+            )
+        elif spec is None:
+            setting.update(threat_model="none", norm="none", eps=0.0, steps=None, eot_samples=None, eot_average=None, version=None)
+        else:
+            stochastic = is_stochastic(subject.attack_source(spec.threat_model, spec.bpda))
+            setting.update(threat_model=spec.threat_model, norm=spec.norm, eps=spec.eps, **spec.executed(evaluation.task.num_classes, stochastic))
+        setting["precision"] = evaluation.precision(subject)
+        rows += [{**setting, **columns} for columns in evaluation.task.report_rows(result, attacked=attack != "none")]
+        if detection is not None:
+            rows += detection_rows(setting, detection, spec, subject.detector_seen)
+    return [{key: None if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()} for row in rows]
+
+
+def detection_rows(setting: dict, detection: dict[str, float], spec: AttackSpec | None, seen_attacks: tuple[str, ...]) -> list[dict]:
+    """A detector's report rows (see `DetectionScores`): ``detection_rate``, the share of the attacked images it flags
+    (`clean_value`: of the clean ones, its false-positive rate; the clean row has that share alone), and under an
+    attack ``detection_auroc`` (clean against attacked), ``robust_or_rejected`` (an image counts if right clean and
+    unflagged, and right or flagged attacked; `clean_value`: right and unflagged clean) and ``evasion_rate`` (right
+    clean, fooled and unflagged). `seen_in_training` says whether the detector was trained on that attack's method and
+    eps; an adaptive attack, which aims at the detector, never was."""
+    seen = None if spec is None else spec.threat_model != "adaptive" and seen_label(spec.method, spec.eps) in seen_attacks
+    common = {**setting, "n": detection["n"], "seen_in_training": seen}
+    rate = dict(common, metric="detection_rate", value=detection["fpr" if spec is None else "tpr"], clean_value=detection["fpr"])
+    if spec is None:
+        return [rate]
+    return [dict(common, metric="detection_auroc", value=detection["auroc"], clean_value=None), rate,
+            dict(common, metric="robust_or_rejected", value=detection["robust_or_rejected"], clean_value=detection["clean_unflagged"]),
+            dict(common, metric="evasion_rate", value=detection["evasion_rate"], clean_value=None)]
+
+
+def report_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """(columns, values) of `rows`: every key of any row, in order of first appearance, and each row's value of each (None
+    where it has none), e.g. for a W&B table."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return columns, [[row.get(column) for column in columns] for row in rows]
 
 
 def write_robustness_report(rows: list[dict], directory: str | Path, stem: str = "robustness_report") -> Path:

@@ -56,15 +56,24 @@ def run_defaults(checkpoint: Path, config: dict | None, trainer_keys: tuple[str,
     return {"data": config["data"], **{f"trainer.{key}": value for key, value in trainer.items()}}
 
 
-def check_data_fits(stage: StageModule, data: ChestXRayDataModule, checkpoint: Path) -> None:
-    """Raises ValueError when the data's classes, image size or channels differ from those the stage was trained on."""
-    trained = stage.hparams
-    pairs = [("class_names", trained.get("class_names"), list(data.class_names)), ("image_size", trained.get("image_size"), data.hparams.image_size),
-             ("channels", trained.get("in_chans"), data.hparams.channels)]
-    differences = [f"{name}: {expected!r} in the checkpoint, {actual!r} in the data" for name, expected, actual in pairs
-                   if expected is not None and expected != actual]
+def check_fits(hyperparameters: dict, checkpoint: str | Path, class_names: list[str] | None = None, num_classes: int | None = None,
+               in_chans: int | None = None, image_size: int | None = None) -> None:
+    """Raises ValueError when the stage of `checkpoint` (its `hyperparameters`) was trained on other classes, channels or
+    image size than those given (None: not checked), naming every difference and the fix."""
+    expected = dict(class_names=None if class_names is None else list(class_names), num_classes=num_classes, in_chans=in_chans,
+                    image_size=image_size)
+    stored = {name: hyperparameters.get(name) for name in expected}
+    stored["class_names"] = None if stored["class_names"] is None else list(stored["class_names"])
+    differences = [f"{name}: {stored[name]!r} in the checkpoint, {value!r} here" for name, value in expected.items()
+                   if value is not None and stored[name] is not None and stored[name] != value]
     if differences:
-        raise ValueError(f"{checkpoint} was trained on other data (" + "; ".join(differences) + "): fix the --data.* overrides.")
+        raise ValueError(f"{checkpoint} was trained on other data (" + "; ".join(differences) + "): use a checkpoint trained on this data, "
+                         "or set --data.channels, --data.image_size and the data's classes to the checkpoint's.")
+
+
+def check_data_fits(stage: StageModule, data: ChestXRayDataModule, checkpoint: Path) -> None:
+    """Raises ValueError when `data`'s classes, image size or channels differ from those the stage was trained on."""
+    check_fits(stage.hparams, checkpoint, class_names=list(data.class_names), in_chans=data.hparams.channels, image_size=data.hparams.image_size)
 
 
 def file_sha256(path: Path) -> str:

@@ -1,15 +1,14 @@
 """A classifier behind a purifier measured over the purifier's strength (t* for diffusion, sigma for NIM), and the choice
 of a strength on that frontier: the core that `benchmarks/purifier_tradeoff.py` and `select_strength.py` share.
 
-Every figure is on the same images, and noise follows the callback's convention: the clean and the attacked images of a
-pass are scored on independent draws of the purifier (one draw per decision, as deployed). Batch i of the clean scoring
-runs on the global RNG seeded with seed + i and of the attacked scoring with seed + `ATTACKED_SEED_OFFSET` + i
-(`seeded_correct`), so every strength sees the same draws. Robust means right both clean and attacked (the report's
-definition).
+Every subject is evaluated as the robustness report evaluates it (`robust_cxr.evaluation.SuiteEvaluation`), batch by
+batch with the report's seeding: the clean and the attacked images are scored on independent draws of the purifier,
+every strength on the same draws. Robust means right both clean and attacked (the report's definition).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -17,13 +16,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from robust_cxr.attacks import AttackSpec, craft_adversarial
+from robust_cxr.attacks import AttackSpec
+from robust_cxr.evaluation import Observer, SuiteEvaluation, seeded_global_rng
 from robust_cxr.purification import PurifiedClassifier, load_purifier, resolve_purifier_settings
+from robust_cxr.tasks import ClassificationTask
+from robust_cxr.threat import DefendedModel
 
 SelectionMetric = Literal["acc", "balanced_acc"]
-CRAFT_SEED_OFFSET = 10_000  # the global RNG of batch i of an attack is seeded with seed + CRAFT_SEED_OFFSET + i
-ATTACKED_SEED_OFFSET = 20_000  # ... and of the scoring of its attacked images with seed + ATTACKED_SEED_OFFSET + i
 Criterion = Literal["clean_drop", "fid"]
+BATCH_SEED_STRIDE = 1000  # batch i of an evaluation is seeded with seed + BATCH_SEED_STRIDE * i, its attacks above that
 
 
 def stratified_images(dataset: Dataset, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,49 +35,33 @@ def stratified_images(dataset: Dataset, max_images: int | None) -> tuple[torch.T
     return batch["image"], batch["label"], batch["index"]
 
 
-def seeded_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
-    """(N,) bool: `model`'s argmax is right for images (N, C, H, W) in [0, 1] with labels (N,). Batch i runs on the global
-    RNG seeded with seed + i, so two calls with one seed on images of the same positions draw the same purifier noise."""
-    correct = []
-    with torch.no_grad():
-        for index, (batch, batch_labels) in enumerate(zip(images.split(batch_size), labels.split(batch_size))):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + index)
-                correct.append(model(batch).argmax(dim=1) == batch_labels)
-    return torch.cat(correct)
+def evaluate_subject(subject: DefendedModel, attacks: list[AttackSpec], images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor,
+                     batch_size: int, seed: int, num_classes: int, observe: Observer | None = None) -> dict[str, dict]:
+    """`subject` (a classifier, [0, 1] images -> logits) on images (N, C, H, W) with labels (N,) and dataset indices (N,),
+    clean and under `attacks`, in batches of `batch_size` seeded as the report seeds them: the counter results
+    (`RobustnessCounts.compute`) by attack label, ``none`` for the clean images. `observe` sees every attack's images."""
+    evaluation = SuiteEvaluation([subject], attacks, ClassificationTask([str(label) for label in range(num_classes)]), False, None, seed,
+                                 images.device)
+    for index, batch in enumerate(zip(images.split(batch_size), labels.split(batch_size), keys.split(batch_size))):
+        evaluation.evaluate(*batch, seed + BATCH_SEED_STRIDE * index, observe=observe)
+    return {attack: result for _, attack, result, _ in evaluation.results()}
 
 
-def craft(spec: AttackSpec, source: nn.Module, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, batch_size: int,
-          seed: int, num_classes: int) -> torch.Tensor:
-    """Adversarial images (N, C, H, W) in [0, 1] crafted on `source` batch by batch, each image the most adversarial
-    iterate (wrong first, then the highest loss); random starts keyed by dataset index, EOT draws from the global RNG
-    seeded per batch."""
-    adversarial = []
-    for index, (x, y, k) in enumerate(zip(images.split(batch_size), labels.split(batch_size), keys.split(batch_size))):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + CRAFT_SEED_OFFSET + index)
-            adversarial.append(craft_adversarial(spec, source, x, y, num_classes=num_classes, keys=k, seed=seed,
-                                                 score_fn=lambda logits, y=y: (logits.argmax(dim=1) == y).double()))
-    return torch.cat(adversarial)
+def accuracies(result: dict) -> dict[str, float]:
+    """``clean_acc``, ``robust_acc`` and their ``*_balanced_acc`` (the mean recall over the classes present) of a counter
+    result (`RobustnessCounts.compute`)."""
+    return {name: float(result[name]) for name in ("clean_acc", "robust_acc", "clean_balanced_acc", "robust_balanced_acc")}
 
 
-def clean_and_robust(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, batch_size: int, seed: int,
-                     num_classes: int, attack: AttackSpec | None = None, adversarial: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clean, robust), each (N,) bool: `model` right on images (N, C, H, W) in [0, 1], and right both clean and on their
-    attacked versions: `adversarial` (crafted elsewhere, e.g. gray-box on the undefended classifier), or else `attack`
-    crafted on `model` itself (white-box; EOT as the spec says)."""
-    if (attack is None) == (adversarial is None):
-        raise ValueError("Give clean_and_robust either an attack to craft on the model or the adversarial images, not both.")
-    clean = seeded_correct(model, images, labels, batch_size, seed)
-    if adversarial is None:
-        adversarial = craft(attack, model, images, labels, keys, batch_size, seed, num_classes)
-    return clean, clean & seeded_correct(model, adversarial, labels, batch_size, seed + ATTACKED_SEED_OFFSET)
+def standard_error(share: float, count: int) -> float:
+    """The binomial standard error of a share of `count` images."""
+    return math.sqrt(share * (1 - share) / max(1, count))
 
 
 def pooled_features(model: nn.Module, classifier: nn.Module, images: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
     """(N, D) float64: what `classifier`'s head (its last `nn.Linear`: timm's and `SmallCNN`'s pooled-feature classifier)
     receives when `model` (the classifier, or a pipeline that ends in it) runs on images (N, C, H, W) in [0, 1], batch i
-    on the global RNG seeded with seed + i (the purifier noise of `seeded_correct`)."""
+    on the global RNG seeded with seed + `BATCH_SEED_STRIDE` * i (the clean draws of `evaluate_subject`)."""
     heads = [module for module in classifier.modules() if isinstance(module, nn.Linear)]
     if not heads:
         raise ValueError(f"{type(classifier).__name__} has no linear head whose input would be its pooled features; the FID "
@@ -84,7 +69,10 @@ def pooled_features(model: nn.Module, classifier: nn.Module, images: torch.Tenso
     features = []
     hook = heads[-1].register_forward_pre_hook(lambda _, inputs: features.append(inputs[0].flatten(1)))
     try:
-        seeded_correct(model, images, torch.zeros(len(images), dtype=torch.long, device=images.device), batch_size, seed)
+        with torch.no_grad():
+            for index, batch in enumerate(images.split(batch_size)):
+                with seeded_global_rng(seed + BATCH_SEED_STRIDE * index, images.device):
+                    model(batch)
     finally:
         hook.remove()
     return torch.cat(features).double()
@@ -101,42 +89,23 @@ def frechet_distance(first: torch.Tensor, second: torch.Tensor) -> float:
     return ((first.mean(0) - second.mean(0)).square().sum() + first_cov.trace() + second_cov.trace() - 2 * cross).item()
 
 
-def accuracy(correct: torch.Tensor) -> tuple[float, float]:
-    """Mean of a (N,) bool vector and its binomial standard error."""
-    mean = correct.float().mean().item()
-    return mean, (mean * (1 - mean) / len(correct)) ** 0.5
-
-
-def balanced_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> float:
-    """The mean over the classes present in labels (N,) of the share of their images with `correct` (N,) bool: 0.5 for
-    a binary classifier that answers one class whatever the image, where plain accuracy reads that class's share."""
-    return torch.stack([correct[labels == label].float().mean() for label in labels.unique()]).mean().item()
-
-
-def accuracies(clean: torch.Tensor, robust: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """``clean_acc``, ``robust_acc`` and their ``*_balanced_acc`` from (N,) bool vectors and labels (N,)."""
-    return dict(clean_acc=accuracy(clean)[0], robust_acc=accuracy(robust)[0], clean_balanced_acc=balanced_accuracy(clean, labels),
-                robust_balanced_acc=balanced_accuracy(robust, labels))
-
-
 def strength_frontier(classifier: nn.Module, purifier_dir: str | Path, strengths: list[float], settings: dict | None, attack: AttackSpec,
                       images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, batch_size: int, seed: int,
                       num_classes: int, reference: torch.Tensor | None = None) -> dict:
     """Clean and robust accuracy of `classifier` (images (N, C, H, W) in [0, 1] -> logits (N, K)) alone and behind the
     purifier of `purifier_dir` at each of `strengths` (`at_strength`: t* rounded, DDIM steps capped at t*; its other settings:
-    `settings` over the export's defaults).
+    `settings` over the export's defaults), each evaluated by `evaluate_subject`.
 
-    A ``graybox`` `attack` is crafted once on the classifier alone and scored through each purifier; any other is crafted
-    through each purifier (differentiable, exact gradients). Returns ``undefended`` (the classifier alone under the attack
-    crafted on it) and ``rows``, one per strength, each with ``strength``, ``label`` and `accuracies`; given `reference`
+    A ``graybox`` `attack` is crafted on the classifier alone and scored through each purifier; any other is crafted
+    through each purifier (differentiable, exact gradients). Returns ``undefended`` (the classifier alone under `attack`
+    as white-box on it) and ``rows``, one per strength, each with ``strength``, ``label`` and `accuracies`; given `reference`
     images (M, C, H, W) in [0, 1] (UAD-RS: clean training images), each row also has ``fid``, the `frechet_distance`
     between the classifier's `pooled_features` of the purified adversarial images and of the reference images.
     """
     common = dict(images=images, labels=labels, keys=keys, batch_size=batch_size, seed=seed, num_classes=num_classes)
-    plain_attack = AttackSpec(**{**vars(attack), "eot_samples": 1, "threat_model": "whitebox"})  # the classifier is deterministic
-    adversarial = craft(plain_attack, classifier, images, labels, keys, batch_size, seed, num_classes)
-    undefended = accuracies(*clean_and_robust(classifier, adversarial=adversarial, **common), labels)
-    graybox = adversarial if attack.threat_model == "graybox" else None
+    alone = DefendedModel.alone("classifier", classifier)
+    plain_attack = AttackSpec(**{**vars(attack), "threat_model": "whitebox"})  # the classifier is deterministic: one draw
+    undefended = accuracies(evaluate_subject(alone, [plain_attack], **common)[plain_attack.label])
     settings = resolve_purifier_settings(purifier_dir, settings)
     loaded = load_purifier(purifier_dir, **settings).to(images.device)
     reference_features = None if reference is None else pooled_features(classifier, classifier, reference, batch_size, seed)
@@ -144,11 +113,12 @@ def strength_frontier(classifier: nn.Module, purifier_dir: str | Path, strengths
     for strength in strengths:
         purifier = loaded.at_strength(strength, differentiable=True)
         defended = PurifiedClassifier(purifier, classifier)
-        adversarial = graybox if graybox is not None else craft(attack, defended, images, labels, keys, batch_size, seed, num_classes)
-        clean, robust = clean_and_robust(defended, adversarial=adversarial, **common)
-        rows.append(dict(strength=purifier.strength, label=purifier.label, **accuracies(clean, robust, labels)))
+        adversarial: list[torch.Tensor] = []
+        results = evaluate_subject(alone.behind(f"purifier/{purifier.label}", purifier, defended), [attack],
+                                   observe=lambda subject, spec, attacked: adversarial.append(attacked), **common)
+        rows.append(dict(strength=purifier.strength, label=purifier.label, **accuracies(results[attack.label])))
         if reference_features is not None:
-            purified_features = pooled_features(defended, classifier, adversarial, batch_size, seed)
+            purified_features = pooled_features(defended, classifier, torch.cat(adversarial), batch_size, seed)
             rows[-1]["fid"] = frechet_distance(purified_features, reference_features)
     return dict(undefended=undefended, rows=rows, strength_name=loaded.strength_name, settings=settings)
 

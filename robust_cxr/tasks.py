@@ -17,15 +17,14 @@ report use nothing else about the outputs, so they serve every task unchanged:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from robust_cxr.attacks import GRADIENT_METHODS, AttackMethod, AttackSpec, LossFn
-from robust_cxr.metrics import RestorationRobustness, RobustnessCounts, SegmentationRobustness, dice_and_iou, psnr_and_ssim, recall_names
+from robust_cxr.attacks import METHODS, AttackSpec, LossFn, trades_kl
+from robust_cxr.metrics import ImageScoreSums, RobustnessCounts, dice_and_iou, psnr_and_ssim, recall_names
 
 
 class Task(ABC):
@@ -34,22 +33,29 @@ class Task(ABC):
     Attributes:
         name: ``classification``, ``segmentation``, ``restoration``, ...
         target_key: the batch entry holding the targets (``label``, ``mask``, ``clean``).
-        attack_methods: the attack methods that apply; `check_attack` rejects the others.
         targeted_goals: the goals a targeted attack (`AttackSpec.target`) may drive outputs toward.
         attack_loss: the loss attacks ascend, ``loss(outputs, targets)`` -> (B,) per image; None: each attack
             method's own classification loss (cross-entropy, CW's margin, APGD's CE or DLR).
+        trades_loss: the loss TRADES' training attack ascends, ``loss(outputs, trades_targets(clean_outputs))`` -> (B,);
+            None where the task has no TRADES objective.
         num_classes: K for the classification attacks that need it (CW, AutoAttack); None for other tasks.
     """
 
     name: str
     target_key: str
-    attack_methods: tuple[str, ...]
     targeted_goals: tuple[str, ...] = ()
     attack_loss: LossFn | None = None
+    trades_loss: LossFn | None = None
     num_classes: int | None = None
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch[self.target_key]
+
+    @property
+    def attack_methods(self) -> tuple[str, ...]:
+        """The attack methods that apply (`check_attack` rejects the others): every registered method when the task's
+        attacks ascend each method's own classification loss (`attack_loss` None), else those that ascend any loss."""
+        return tuple(name for name, method in METHODS.items() if method.any_loss or self.attack_loss is None)
 
     def check_attack(self, spec: AttackSpec) -> None:
         """Raises a ValueError naming the fix if `spec` does not apply to this task."""
@@ -66,6 +72,10 @@ class Task(ABC):
             return targets, self.attack_loss
         loss = self.attack_loss
         return self.goal_targets(spec.target, targets), lambda outputs, goal: -loss(outputs, goal)
+
+    def trades_targets(self, clean_outputs: torch.Tensor) -> torch.Tensor:
+        """What `trades_loss` compares attacked outputs with, from the clean outputs (B, ...)."""
+        raise NotImplementedError
 
     def goal_targets(self, goal: str, targets: torch.Tensor) -> torch.Tensor:
         """The targets of a targeted goal (one of `targeted_goals`, whose tasks define `attack_loss`), shaped like `targets`."""
@@ -120,11 +130,15 @@ class ClassificationTask(Task):
 
     name = "classification"
     target_key = "label"
-    attack_methods = get_args(AttackMethod)
+    trades_loss = staticmethod(trades_kl)
 
     def __init__(self, class_names: list[str]):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
+
+    def trades_targets(self, clean_outputs: torch.Tensor) -> torch.Tensor:
+        """The clean class probabilities (B, K) of logits (B, K): TRADES' KL(clean || attacked) compares with them."""
+        return clean_outputs.softmax(dim=1).detach()
 
     def robustness_counter(self) -> Metric:
         return RobustnessCounts(self.num_classes)
@@ -184,37 +198,52 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     return cross_entropy + 1 - soft_dice
 
 
-class SegmentationTask(Task):
+class PerImageScoredTask(Task):
+    """A task scored per image: `image_scores` gives one (B,) score per name of `score_names`, higher is better, the first
+    the one the worst case ranks images by; the stage logs their means, the report has a row per score (its mean under
+    attack and clean) and its counter sums them exactly over DDP ranks, in units of 1 / `score_unit`
+    (`robust_cxr.metrics.ImageScoreSums`)."""
+
+    score_names: tuple[str, ...]
+    score_unit: int = 2**32
+
+    @abstractmethod
+    def image_scores(self, targets: torch.Tensor, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One (B,) float64 score per name of `score_names` of the outputs (B, ...) against the targets (B, ...)."""
+
+    def robustness_counter(self) -> Metric:
+        return ImageScoreSums(self.score_names, self.image_scores, self.score_unit)
+
+    def per_image_score(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        return self.image_scores(targets, outputs)[self.score_names[0]]
+
+    def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {**{f"robust_{name}": result[name] for name in self.score_names}, "perturbation": result["perturbation"]}
+
+    def report_rows(self, result: dict[str, torch.Tensor], attacked: bool) -> list[dict]:
+        return [dict(n=int(result["total"]), metric=name, value=result[name].item(), clean_value=result[f"clean_{name}"].item(),
+                     perturbation=result["perturbation"].item() if attacked else None) for name in self.score_names]
+
+
+class SegmentationTask(PerImageScoredTask):
     """Foreground logits (B, 1, H, W) against masks (B, 1, H, W) in {0, 1}; a pixel is foreground where its logit
     is > 0. Attacks ascend `segmentation_loss` per image; the ``empty`` goal drives every pixel to
     background (a DAG-style targeted attack). Scored by per-image Dice and IoU, averaged over the images."""
 
     name = "segmentation"
     target_key = "mask"
-    attack_methods = GRADIENT_METHODS
     targeted_goals = ("empty",)
     attack_loss = staticmethod(segmentation_loss)
+    score_names = ("dice", "iou")
+    score_unit = 2**40  # Dice and IoU in [0, 1]: up to 2**23 images
 
     def goal_targets(self, goal: str, targets: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(targets)
 
-    def robustness_counter(self) -> Metric:
-        return SegmentationRobustness()
-
-    def per_image_score(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        """Dice of the predicted foreground (logits (B, 1, H, W) > 0) against the masks (B, 1, H, W)."""
-        return dice_and_iou(outputs > 0, targets > 0.5)[0]
-
-    def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"robust_dice": result["dice"], "robust_iou": result["iou"], "perturbation": result["perturbation"]}
-
-    def report_rows(self, result: dict[str, torch.Tensor], attacked: bool) -> list[dict]:
-        n = int(result["total"])
-        return [
-            dict(n=n, metric=name, value=result[name].item(), clean_value=result[f"clean_{name}"].item(),
-                 perturbation=result["perturbation"].item() if attacked else None)
-            for name in ("dice", "iou")
-        ]
+    def image_scores(self, targets: torch.Tensor, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``dice`` and ``iou`` (B,) of the predicted foreground (logits (B, 1, H, W) > 0) against the masks (B, 1, H, W)."""
+        dice, iou = dice_and_iou(outputs > 0, targets > 0.5)
+        return {"dice": dice, "iou": iou}
 
     def overlay(self, images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """The predicted foreground tinted red."""
@@ -253,7 +282,7 @@ def restoration_loss(restored: torch.Tensor, clean: torch.Tensor, pixel_loss: st
     return loss
 
 
-class RestorationTask(Task):
+class RestorationTask(PerImageScoredTask):
     """Restored images (B, C, H, W) in [0, 1] against the clean images (B, C, H, W) in [0, 1] (batch ``clean``) that the
     inputs were degraded from. Attacks ascend `per_image_mse` per image (the gradient-ascent methods only:
     CW and APGD/AutoAttack optimise classification margins). Scored by per-image PSNR (dB) and SSIM, averaged over
@@ -261,26 +290,14 @@ class RestorationTask(Task):
 
     name = "restoration"
     target_key = "clean"
-    attack_methods = GRADIENT_METHODS
     attack_loss = staticmethod(per_image_mse)
+    score_names = ("psnr", "ssim")
+    score_unit = 2**32  # PSNR up to 100 dB: up to 2**24 images
 
-    def robustness_counter(self) -> Metric:
-        return RestorationRobustness()
-
-    def per_image_score(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        """PSNR (dB) of the restored images (B, C, H, W) against the clean ones."""
-        return psnr_and_ssim(outputs, targets)[0]
-
-    def logged(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {"robust_psnr": result["psnr"], "robust_ssim": result["ssim"], "perturbation": result["perturbation"]}
-
-    def report_rows(self, result: dict[str, torch.Tensor], attacked: bool) -> list[dict]:
-        n = int(result["total"])
-        return [
-            dict(n=n, metric=name, value=result[name].item(), clean_value=result[f"clean_{name}"].item(),
-                 perturbation=result["perturbation"].item() if attacked else None)
-            for name in ("psnr", "ssim")
-        ]
+    def image_scores(self, targets: torch.Tensor, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``psnr`` (dB) and ``ssim`` (B,) of images (B, C, H, W) against the clean ones (`psnr_and_ssim`)."""
+        psnr, ssim = psnr_and_ssim(outputs, targets)
+        return {"psnr": psnr, "ssim": ssim}
 
     def overlay(self, images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """The restored image (the outputs) as RGB; the input image is not drawn."""

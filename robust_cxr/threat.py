@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import get_args
 
 import torch
@@ -10,42 +10,81 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_cxr.attacks import AttackSpec, IdentityBackward, LossFn, LossTerms, ScoreFn, ThreatModel, cross_entropy, is_stochastic
+from robust_cxr.models import OperatingPoint
 
 
-@dataclass
+@dataclass(frozen=True)
 class DefendedModel:
-    """A model as deployed (a classifier, a segmenter, ...), with what robustness evaluation needs to attack it.
+    """A model as deployed (a classifier, a segmenter, ...), with what robustness evaluation needs to attack it: a report
+    subject. Build one with `alone`, then `behind` (a defense in front), `with_detector`, `with_transfer_source` and
+    `attacked_under`.
 
     Args:
         model: name of the model in reports (``teacher``, ``teacher_finetuned``, ``student``, ``segmenter``).
-        defense: ``none`` or what stands in front of the model (``purifier/ddim-10``).
-        undefended: the model without the defense, [0, 1] images -> outputs (logits; the gray-box source).
-        pipeline: defense then model, what is deployed and scored (the model itself when `defense` is ``none``).
-        transfer_source: another model whose attacks are transferred (e.g. the teacher).
+        undefended: the model without the defense, [0, 1] images -> outputs (logits; the gray-box source); a
+            classifier includes its operating point (`decision_threshold`).
+        defense: ``none`` or what stands in front of the model (``purifier/ddim-10@t100``, ``reformer``).
+        pipeline: defense then model, what is deployed and scored (the model itself without a defense).
         defense_module: what stands in front of the model, [0, 1] images -> [0, 1] images (the purifier), or
-            None; the report grid and `predict.py` show its output.
-        decision_threshold: for a binary classifier, the P(class 1) above which it decides class 1 (its operating
-            point, 0.5 for argmax); None for more classes.
-        threat_models: the threat models it is attacked under; e.g. leave out ``whitebox`` where a stage
-            reports a purifier's white-box robustness elsewhere, since each white-box step runs the
-            reverse diffusion forward and backward.
+            None; the report grid and `predict.py` show its output, and BPDA takes it as the identity.
+        transfer_source: another model whose attacks are transferred (e.g. the teacher).
+        threat_models: the threat models it is attacked under.
         detector: a detector of adversarial inputs that is part of the defense, [0, 1] images (B, C, H, W) ->
-            scores (B,), flagging scores above its ``threshold`` buffer; the report then adds detection rows, and
-            the ``adaptive`` threat model applies.
+            scores (B,), flagging scores above its ``threshold``; the report then adds detection rows, and the
+            ``adaptive`` threat model applies.
         detector_seen: ``method@eps`` labels of the attacks the detector was trained on (`seen_label`), to mark
             detection rows seen or unseen.
     """
 
     model: str
-    defense: str
     undefended: nn.Module
-    pipeline: nn.Module
-    transfer_source: nn.Module | None = None
+    defense: str = "none"
+    pipeline: nn.Module | None = None
     defense_module: nn.Module | None = None
-    decision_threshold: float | None = None
+    transfer_source: nn.Module | None = None
     threat_models: tuple[ThreatModel, ...] = get_args(ThreatModel)
     detector: nn.Module | None = None
     detector_seen: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.pipeline is None:
+            object.__setattr__(self, "pipeline", self.undefended)
+
+    @classmethod
+    def alone(cls, model: str, undefended: nn.Module) -> DefendedModel:
+        """`undefended` ([0, 1] images -> outputs) deployed as it is, named `model`."""
+        return cls(model, undefended)
+
+    def behind(self, defense: str, defense_module: nn.Module | None = None, pipeline: nn.Module | None = None) -> DefendedModel:
+        """This model deployed behind the defense named `defense`: `defense_module` ([0, 1] images -> [0, 1] images) in
+        front of it, or a `pipeline` that replaces it (e.g. a `PurifiedModel` averaging several purifications, an
+        ensemble around it); by default the defense module then the model. Gray-box attacks follow the model alone."""
+        if pipeline is None and defense_module is None:
+            raise ValueError(f"A subject behind {defense} needs the defense's module or the pipeline it deploys.")
+        return replace(self, defense=defense, defense_module=defense_module,
+                       pipeline=pipeline if pipeline is not None else nn.Sequential(defense_module, self.undefended))
+
+    def with_detector(self, detector: nn.Module, seen: tuple[str, ...] = (), defense: str | None = None) -> DefendedModel:
+        """This subject with `detector` as part of its defense (see the class), named `defense` (default: the current
+        defense, ``detector`` without one); the adaptive threat model then applies."""
+        name = defense or ("detector" if self.defense == "none" else self.defense)
+        return replace(self, defense=name, detector=detector, detector_seen=tuple(seen))
+
+    def with_transfer_source(self, source: nn.Module) -> DefendedModel:
+        """This subject, attacked also by transfer from `source` ([0, 1] images -> outputs)."""
+        return replace(self, transfer_source=source)
+
+    def attacked_under(self, *threat_models: ThreatModel) -> DefendedModel:
+        """This subject attacked under `threat_models` only (none: reported clean only); e.g. leave out ``whitebox`` where
+        a stage reports a purifier's white-box robustness elsewhere."""
+        return replace(self, threat_models=tuple(threat_models))
+
+    @property
+    def decision_threshold(self) -> float | None:
+        """For a binary classifier, the P(class 1) above which the pipeline decides class 1 (the operating point inside
+        it, 0.5 for argmax); None for more classes and other tasks."""
+        point = next((module for module in self.pipeline.modules() if isinstance(module, OperatingPoint)), None)
+        return None if point is None else point.probability_threshold
 
     @property
     def stochastic(self) -> bool:

@@ -307,13 +307,13 @@ def test_attacking_context_restores_state_after_an_error(trained):
 def test_bpda_through_an_identity_defense_is_plain_pgd(trained):
     model, images, labels = trained
     identity = nn.Identity()
-    subject = DefendedModel("cnn", "identity", model, nn.Sequential(identity, model), defense_module=identity)
+    subject = DefendedModel.alone("cnn", model).behind("identity", identity)
     spec = AttackSpec(method="pgd", eps=EPS, steps=5)
     keys = torch.arange(len(images))
     plain = craft_adversarial(spec, model, images, labels, keys=keys, seed=3)
     bpda = craft_adversarial(replace(spec, bpda=True), subject.attack_source("whitebox", bpda=True), images, labels, keys=keys, seed=3)
     assert torch.equal(bpda, plain) and not torch.equal(plain, images)
-    assert DefendedModel("cnn", "none", model, model).attack_source("whitebox", bpda=True) is None  # nothing to pass through
+    assert DefendedModel.alone("cnn", model).attack_source("whitebox", bpda=True) is None  # nothing to pass through
 
 
 def test_bpda_passes_gradients_through_a_defense_without_any(trained):

@@ -212,7 +212,7 @@ def test_validation_attacks_follow_every_n_epochs_and_max_images(tmp_path):
     trainer = _trainer(tmp_path, [callback, counter], max_epochs=4, limit_train_batches=1, limit_val_batches=2, num_sanity_val_steps=0)
     trainer.fit(_tiny_teacher(), datamodule=_datamodule())
     assert [bool(flag) for flag in counter.logged][1::2] == [True, True]
-    robust = callback._counts[("teacher", "fgsm")].compute()
+    robust = callback._evaluation.counts[("teacher", "fgsm")].compute()
     assert int(robust["total"]) == 20  # the first 20 validation images, over two batches of 16
 
 
@@ -256,8 +256,7 @@ def _noisy_purified_subjects(model: TeacherClassifier, names: tuple[str, ...]) -
     unet = UNet2DModel(sample_size=64, in_channels=1, out_channels=1, **TINY_UNET)
     purifier = Purifier(unet, DDPMScheduler(), t_star=999, method="ddim", steps=2, eta=1.0, differentiable=True)
     pipeline = PurifiedClassifier(purifier, noise_sensitive)
-    model.robustness_subjects = lambda: [DefendedModel(name, "purifier/noisy", noise_sensitive, pipeline, defense_module=purifier)
-                                       for name in names]
+    model.robustness_subjects = lambda: [DefendedModel.alone(name, noise_sensitive).behind("purifier/noisy", purifier, pipeline) for name in names]
 
 
 def test_subjects_are_scored_on_the_same_purification_noise_with_the_grid_on(tmp_path):
@@ -301,7 +300,7 @@ def test_subsets_of_a_class_sorted_folder_hold_both_classes_in_proportion(tmp_pa
     attacks = [AttackSpec(method="fgsm", eps=EPS), AttackSpec(method="pgd", eps=EPS, steps=2, max_images=16)]
     callback = AdversarialExampleCallback(attacks=attacks, test_max_images=40)
     _trainer(tmp_path, [callback]).test(_tiny_teacher(), datamodule=datamodule, verbose=False)
-    per_class = {attack: callback._counts[("teacher", attack)].total.tolist() for attack in ("none", "fgsm", "pgd2")}
+    per_class = {attack: callback._evaluation.counts[("teacher", attack)].total.tolist() for attack in ("none", "fgsm", "pgd2")}
     assert per_class == {"none": [30, 10], "fgsm": [30, 10], "pgd2": [12, 4]}  # 3:1, as in the whole split
 
 
@@ -329,7 +328,7 @@ def test_non_finite_outputs_are_an_error_not_class_zero(tmp_path):
     broken = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 64, 2))
     with torch.no_grad():
         broken[1].weight.fill_(float("nan"))
-    model.robustness_subjects = lambda: [DefendedModel("broken", "none", broken, broken)]
+    model.robustness_subjects = lambda: [DefendedModel.alone("broken", broken)]
     with pytest.raises(FloatingPointError, match="Non-finite outputs of broken on clean images"):
         _trainer(tmp_path, [AdversarialExampleCallback(attacks=EVAL_ATTACKS[:1])]).test(model, datamodule=_datamodule(), verbose=False)
 
@@ -351,8 +350,8 @@ def test_reject_option_rows_of_a_detector_subject(tmp_path):
     precision."""
     model = _tiny_teacher()
     classifier = model.decision_classifier()
-    model.robustness_subjects = lambda: [DefendedModel("teacher", "detector", classifier, classifier, detector=_NeverFlags(),
-                                                       threat_models=("whitebox", "adaptive"), detector_seen=("pgd@0.03",))]
+    subject = DefendedModel.alone("teacher", classifier).with_detector(_NeverFlags(), seen=("pgd@0.03",)).attacked_under("whitebox", "adaptive")
+    model.robustness_subjects = lambda: [subject]
     attacks = [AttackSpec(method="pgd", eps=EPS, steps=2), AttackSpec(method="pgd", eps=EPS, steps=2, threat_model="adaptive", name="adaptive")]
     _trainer(tmp_path, [AdversarialExampleCallback(attacks=attacks)]).test(model, datamodule=_datamodule(), verbose=False)
     rows = {(row["attack"], row["metric"]): row for row in json.loads((tmp_path / "robustness_report.json").read_text())}

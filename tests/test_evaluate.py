@@ -9,12 +9,11 @@ import pytest
 import torch
 import yaml
 
-import callbacks.adversarial
+import robust_cxr.evaluation
 import evaluate
-from callbacks import AdversarialExampleCallback
-from callbacks.adversarial import WORST_CASE
+from robust_cxr.evaluation import WORST_CASE, SuiteEvaluation, chosen_subjects
 from callbacks.evaluation_journal import BatchJournal
-from robust_cxr.metrics import RobustnessCounts, SegmentationRobustness
+from robust_cxr.metrics import RobustnessCounts
 from robust_cxr.attacks import AttackSpec
 from robust_cxr.reports import eps_curve_attacks, robustness_curves
 from robust_cxr.runs import upstream_sha256
@@ -72,13 +71,13 @@ def test_a_killed_evaluation_resumes_without_attacking_finished_batches_and_give
         _evaluate(tmp_path, "killed")
     monkeypatch.setattr(BatchJournal, "save", save)
     attacked: list[torch.Tensor] = []
-    craft = callbacks.adversarial.craft_adversarial
+    craft = robust_cxr.evaluation.craft_adversarial
 
     def recording_craft(*args, keys=None, **kwargs):
         attacked.append(keys)
         return craft(*args, keys=keys, **kwargs)
 
-    monkeypatch.setattr(callbacks.adversarial, "craft_adversarial", recording_craft)
+    monkeypatch.setattr(robust_cxr.evaluation, "craft_adversarial", recording_craft)
     resumed = _evaluate(tmp_path, "killed")
     assert len(attacked) == len(SUITE)  # one batch attacked again, by each attack: the third (images 32..47)
     assert all(keys.min() >= 32 and keys.max() < 48 for keys in attacked)
@@ -150,11 +149,11 @@ def test_bad_inputs_are_errors_that_say_what_to_do(tmp_path):
 
 def test_subjects_keeps_the_subjects_named_in_the_stage_order():
     model = torch.nn.Identity()
-    subjects = [DefendedModel("teacher", "none", model, model), DefendedModel("teacher", "purifier/ddim-1@t100", model, model),
-                DefendedModel("teacher_finetuned", "purifier/ddim-1@t100", model, model)]
-    chosen = callbacks.adversarial._chosen_subjects(subjects, ["teacher_finetuned+purifier", "teacher"])
+    subjects = [DefendedModel.alone("teacher", model), DefendedModel.alone("teacher", model).behind("purifier/ddim-1@t100", model),
+                DefendedModel.alone("teacher_finetuned", model).behind("purifier/ddim-1@t100", model)]
+    chosen = chosen_subjects(subjects, ["teacher_finetuned+purifier", "teacher"])
     assert [subject.key for subject in chosen] == ["teacher", "teacher_finetuned+purifier"]
-    assert callbacks.adversarial._chosen_subjects(subjects, None) == subjects
+    assert chosen_subjects(subjects, None) == subjects
 
 
 def test_the_strong_suite_parses():
@@ -162,10 +161,10 @@ def test_the_strong_suite_parses():
     assert len(labels) == len(set(labels)) == 3
 
 
-def _worst_case_callback(counter) -> AdversarialExampleCallback:
-    callback = AdversarialExampleCallback(worst_case=True)
-    callback._counts = {("m", name): counter() for name in ("none", "a", "b", WORST_CASE)}
-    return callback
+def _worst_case_evaluation(task, counter) -> SuiteEvaluation:
+    evaluation = SuiteEvaluation([], [], task, worst_case=True, dtype=None, seed=0)
+    evaluation.counts = {("m", name): counter() for name in ("none", "a", "b", WORST_CASE)}
+    return evaluation
 
 
 def test_worst_case_is_the_intersection_of_the_images_that_survive_each_attack():
@@ -177,10 +176,10 @@ def test_worst_case_is_the_intersection_of_the_images_that_survive_each_attack()
     under_a[[0, 4]] = -under_a[[0, 4]]  # attack a (every image) fools images 0 and 4
     under_b[[0, 1]] = -under_b[[0, 1]]  # attack b (images 0-3 only) fools images 0 and 1
     covered_by_b = torch.tensor([True, True, True, True, False, False])
-    callback = _worst_case_callback(lambda: RobustnessCounts(2))
+    evaluation = _worst_case_evaluation(ClassificationTask(["normal", "disease"]), lambda: RobustnessCounts(2))
     attacked = [(torch.ones(6, dtype=torch.bool), under_a, torch.full((6,), 0.03)), (covered_by_b, under_b[covered_by_b], torch.full((4,), 0.02))]
-    callback._update_worst_case(ClassificationTask(["normal", "disease"]), "m", labels, clean, attacked)
-    result = callback._counts[("m", WORST_CASE)].compute()
+    evaluation._update_worst_case("m", labels, clean, attacked)
+    result = evaluation.counts[("m", WORST_CASE)].compute()
     # On images 0-3 (covered by both), right clean and under both: images 2 and 3.
     assert int(result["total"]) == 4 and int(result["robust_correct"]) == 2
     assert result["robust_recall"].tolist() == [0.5, 0.5] and result["attack_success"].item() == 0.5
@@ -194,16 +193,16 @@ def test_worst_case_of_a_segmenter_is_the_lowest_dice_per_image():
     half = perfect.clone()
     half[:, :, 0] = -10  # one of two foreground rows missed: Dice 2/3
     empty = torch.full_like(perfect, -10)  # Dice 0
-    callback = _worst_case_callback(SegmentationRobustness)
+    evaluation = _worst_case_evaluation(SegmentationTask(), SegmentationTask().robustness_counter)
     everything = torch.ones(2, dtype=torch.bool)
     attacked = [(everything, torch.stack([half[0], empty[1]]), torch.zeros(2)), (everything, torch.stack([empty[0], half[1]]), torch.zeros(2))]
-    callback._update_worst_case(SegmentationTask(), "m", masks, perfect, attacked)
-    result = callback._counts[("m", WORST_CASE)].compute()
+    evaluation._update_worst_case("m", masks, perfect, attacked)
+    result = evaluation.counts[("m", WORST_CASE)].compute()
     assert result["dice"].item() == pytest.approx(0.0) and result["clean_dice"].item() == pytest.approx(1.0)
     attacked[1] = (everything, torch.stack([perfect[0], half[1]]), torch.zeros(2))
-    callback = _worst_case_callback(SegmentationRobustness)
-    callback._update_worst_case(SegmentationTask(), "m", masks, perfect, attacked)
-    assert callback._counts[("m", WORST_CASE)].compute()["dice"].item() == pytest.approx((2 / 3 + 0) / 2)
+    evaluation = _worst_case_evaluation(SegmentationTask(), SegmentationTask().robustness_counter)
+    evaluation._update_worst_case("m", masks, perfect, attacked)
+    assert evaluation.counts[("m", WORST_CASE)].compute()["dice"].item() == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_an_eps_curve_gives_one_point_per_eps_from_the_clean_score_down(tmp_path):

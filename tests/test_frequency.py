@@ -135,7 +135,7 @@ def test_the_adaptive_attack_evades_the_detector_that_plain_pgd_ignores():
     with torch.no_grad():  # a detector that responds to the image, scoring around 0
         detector.score.weight.mul_(50)
         detector.score.bias.fill_(-float(detector(torch.rand(64, 1, SIZE, SIZE)).mean()))
-    subject = DefendedModel("toy", "detector", model, model, detector=detector, threat_models=("whitebox", "adaptive"))
+    subject = DefendedModel.alone("toy", model).with_detector(detector).attacked_under("whitebox", "adaptive")
     images, labels = torch.rand(16, 1, SIZE, SIZE), torch.randint(0, 2, (16,))
     spec = AttackSpec(method="pgd", eps=0.05, steps=10)
     adaptive_spec = AttackSpec(method="pgd", eps=0.05, steps=10, threat_model="adaptive")
@@ -145,7 +145,7 @@ def test_the_adaptive_attack_evades_the_detector_that_plain_pgd_ignores():
     with torch.no_grad():
         assert detector(adaptive).mean() < detector(plain).mean() - 0.1
     assert subject.attack_source("adaptive") is not None
-    assert DefendedModel("toy", "none", model, model).attack_source("adaptive") is None
+    assert DefendedModel.alone("toy", model).attack_source("adaptive") is None
     with pytest.raises(ValueError, match="adaptive threat model ascends a loss with a detector term"):
         AttackSpec(method="apgd_ce", threat_model="adaptive")
 

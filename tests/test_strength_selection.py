@@ -13,7 +13,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 import select_strength
 from lightning_modules import DiffusionPurifier, PurifyThenFinetune
 from robust_cxr.purification import DEFAULT_SETTINGS_FILE, Purifier, load_purifier, write_default_settings
-from robust_cxr.strength import clean_and_robust, frechet_distance, pooled_features, select_strength as choose
+from robust_cxr.attacks import AttackSpec
+from robust_cxr.strength import evaluate_subject, frechet_distance, pooled_features, select_strength as choose
+from robust_cxr.threat import DefendedModel
 from conftest import TINY_UNET
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -44,10 +46,18 @@ def test_no_strength_within_the_drop_is_an_error_that_says_what_to_change():
         choose(ROWS, undefended_clean=0.9, max_clean_drop=-0.1, metric="acc")
 
 
-def test_clean_and_robust_takes_an_attack_or_adversarial_images_not_both():
-    images, labels = torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
-    with pytest.raises(ValueError, match="either an attack"):
-        clean_and_robust(torch.nn.Flatten(), images, labels, torch.arange(2), 2, 0, 2)
+def test_a_subject_on_the_frontier_is_counted_as_the_report_counts_it():
+    """`evaluate_subject` runs the report's evaluation: robust means right clean and attacked, per class."""
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)).eval()
+    images = torch.rand(10, 1, 8, 8)
+    labels = classifier(images).argmax(1).detach()
+    labels[:2] = 1 - labels[:2]  # two images wrong clean
+    attack = AttackSpec(method="pgd", eps=0.5, steps=5)  # far beyond what a linear classifier of [0, 1] images withstands
+    results = evaluate_subject(DefendedModel.alone("linear", classifier), [attack], images, labels, torch.arange(10), batch_size=4,
+                               seed=0, num_classes=2)
+    assert results["none"]["clean_acc"].item() == pytest.approx(0.8) and int(results["none"]["total"]) == 10
+    assert results["pgd5"]["robust_acc"].item() == 0.0 and results["pgd5"]["clean_acc"].item() == pytest.approx(0.8)
 
 
 def test_the_fid_criterion_takes_the_lowest_fid_whatever_the_accuracies():

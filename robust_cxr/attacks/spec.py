@@ -13,7 +13,7 @@ from robust_cxr.attacks.engine import EotAverage
 from robust_cxr.attacks.library import autoattack_attacks
 from robust_cxr.attacks.methods import GRADIENT_METHODS, METHODS, AttackRun
 
-AttackMethod = Literal["fgsm", "pgd", "bim", "mifgsm", "pgd_l2", "cw_l2", "apgd_ce", "apgd_dlr", "square", "autoattack"]
+AttackMethod = Literal[tuple(METHODS)]  # the registered methods, for the configs' type checks
 ThreatModel = Literal["whitebox", "graybox", "transfer", "adaptive"]
 
 
