@@ -39,7 +39,7 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from datamodules.chest_xray import decode_grayscale  # noqa: E402
+from datamodules.sources import decode_grayscale  # noqa: E402
 from lightning_modules.classifier import ImageClassifierModule, load_classifier  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.deployment import ExportedGraph  # noqa: E402

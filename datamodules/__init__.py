@@ -1,5 +1,10 @@
-"""The DataModule shared by every stage."""
+"""Data for every stage: the shared DataModule and the transforms its hyperparameters take.
 
-from datamodules.chest_xray import Augmentation, ChestXRayDataModule, Degradation
+`sources` reads images, `sampling` splits, orders and samples them, `dataset` serves a split as tensors, `transforms`
+augments and degrades them, `chest_xray` ties them into `ChestXRayDataModule`, and `synthetic` draws phantoms.
+"""
+
+from datamodules.chest_xray import ChestXRayDataModule
+from datamodules.transforms import Augmentation, Degradation
 
 __all__ = ["Augmentation", "ChestXRayDataModule", "Degradation"]

@@ -3,7 +3,8 @@
 Every checkpoint is read with ``torch.load(weights_only=True)``, which rebuilds tensors, containers and primitive values
 only, plus the project's own hyperparameter types (`SAFE_HYPERPARAMETER_TYPES`, allowed once, here). Checkpoints that
 train.py writes need nothing more: LightningCLI stores hyperparameters as plain values. A stage or DataModule built in
-Python with an `Augmentation` or a `Degradation` object stores that object, hence the allow-list. A file that needs any
+Python with an `Augmentation` or a `Degradation` object stores that object, hence the allow-list. It admits each type by its
+module path and by its former one, in `FORMER_HYPERPARAMETER_MODULE`, which older checkpoints name. A file that needs any
 other global is refused with `UntrustedCheckpointError`, unless the environment variable `TRUST_CHECKPOINTS_ENV` is
 ``1``: then every load unpickles in full (``weights_only=False``), for trusted files only.
 
@@ -20,12 +21,15 @@ from typing import Any
 
 import torch
 
-from datamodules.chest_xray import Augmentation, Degradation
+from datamodules.transforms import Augmentation, Degradation
 
 TRUST_CHECKPOINTS_ENV = "ROBUST_CXR_TRUST_CHECKPOINTS"
 SAFE_HYPERPARAMETER_TYPES = (Augmentation, Degradation)
+FORMER_HYPERPARAMETER_MODULE = "datamodules.chest_xray"
 
-torch.serialization.add_safe_globals(list(SAFE_HYPERPARAMETER_TYPES))
+torch.serialization.add_safe_globals(
+    [*SAFE_HYPERPARAMETER_TYPES, *((kind, f"{FORMER_HYPERPARAMETER_MODULE}.{kind.__qualname__}") for kind in SAFE_HYPERPARAMETER_TYPES)]
+)
 
 
 class UntrustedCheckpointError(ValueError):

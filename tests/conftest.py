@@ -127,7 +127,7 @@ def tiny_stage_checkpoints(tmp_path_factory) -> dict[str, Path]:
     from diffusers import DDPMScheduler, UNet2DModel
 
     from datamodules import ChestXRayDataModule
-    from datamodules.chest_xray import SYNTHETIC_CLASS_NAMES
+    from datamodules.sources import SYNTHETIC_CLASS_NAMES
     from lightning_modules import DistilledStudent, PurifyThenFinetune, TeacherClassifier
     from robust_cxr.purification import Purifier
 
@@ -156,7 +156,7 @@ def tiny_defended_checkpoints(tiny_stage_checkpoints, tmp_path_factory) -> dict[
 
     from callbacks import AdversarialExampleCallback
     from datamodules import ChestXRayDataModule
-    from datamodules.chest_xray import SYNTHETIC_CLASS_NAMES
+    from datamodules.sources import SYNTHETIC_CLASS_NAMES
     from lightning_modules import AdversarialReformer, PurifyThenFinetune
     from robust_cxr.attacks import AttackSpec
     from robust_cxr.nim import NIMPurifier, NoisyImageModel

@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import PNEUMONIA_FOLDER, PNEUMONIA_NPZ, requires_shared_data
 from datamodules import Augmentation, ChestXRayDataModule
-from datamodules.chest_xray import SPLITS, ClassBalancedSampler, interleaved_order
+from datamodules.dataset import SPLITS
+from datamodules.sampling import ClassBalancedSampler, interleaved_order
 
 
 def _batch(datamodule: ChestXRayDataModule, split: str) -> dict[str, torch.Tensor]:

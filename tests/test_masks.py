@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from datamodules import Augmentation, ChestXRayDataModule, synthetic
-from datamodules.chest_xray import SPLITS, GrayscaleImageDataset
+from datamodules.dataset import SPLITS, GrayscaleImageDataset
 from datamodules.synthetic import generate_phantoms
 
 NO_AUGMENTATION = Augmentation(probability=0.0)

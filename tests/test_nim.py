@@ -207,7 +207,7 @@ def test_stage_rejects_bad_settings(settings, message):
 def teacher_and_nim(tmp_path_factory) -> dict:
     """A tiny 32 px teacher checkpoint (3 steps) and a tiny untrained NIM export."""
     from datamodules import ChestXRayDataModule
-    from datamodules.chest_xray import SYNTHETIC_CLASS_NAMES
+    from datamodules.sources import SYNTHETIC_CLASS_NAMES
 
     directory = tmp_path_factory.mktemp("nim_stages")
     L.seed_everything(0, verbose=False)

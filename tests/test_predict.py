@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import PNEUMONIA_FOLDER, REPO, TINY_VIT, requires_shared_data
 from datamodules import ChestXRayDataModule
-from datamodules.chest_xray import SYNTHETIC_CLASS_NAMES
+from datamodules.sources import SYNTHETIC_CLASS_NAMES
 from datamodules.synthetic import generate_phantoms
 from export import main as export_main
 from lightning_modules import TeacherClassifier

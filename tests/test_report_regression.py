@@ -50,8 +50,8 @@ def stage_checkpoints(tiny_stage_checkpoints, tiny_defended_checkpoints, tmp_pat
     import lightning as L
 
     from callbacks import AdversarialExampleCallback
-    from datamodules import ChestXRayDataModule
-    from datamodules.chest_xray import SYNTHETIC_CLASS_NAMES, Degradation
+    from datamodules import ChestXRayDataModule, Degradation
+    from datamodules.sources import SYNTHETIC_CLASS_NAMES
     from lightning_modules import AdversarialDetector, AdversarialReformer, LungSegmenter, Restorer, SelfEnsembleViT
     from robust_cxr.attacks import AttackSpec
 

@@ -20,7 +20,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from callbacks import AdversarialExampleCallback
 from conftest import CONFIGS, run_train, shrink_config
 from datamodules import Augmentation, ChestXRayDataModule, Degradation
-from datamodules.chest_xray import degradation_rng
+from datamodules.dataset import degradation_rng
 from lightning_modules import Restorer
 from lightning_modules.stage import load_stage_module
 from robust_cxr.attacks import AttackSpec, craft_adversarial

@@ -4,6 +4,8 @@ run code when unpickled (or imported) is refused through every command before it
 from __future__ import annotations
 
 import pathlib
+import pickletools
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -78,6 +80,23 @@ def test_every_stage_checkpoint_loads_with_weights_only(name, stage_checkpoints)
     saved = checkpoint["state_dict"]
     for key, value in module.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_a_checkpoint_naming_the_types_by_their_former_module_loads_with_weights_only(monkeypatch):
+    """tests/data/datamodule_hparams_chest_xray_path.ckpt was written by `torch.save` while `Augmentation` and `Degradation`
+    lived in datamodules.chest_xray, so it names them by that module; it loads into today's classes, with weights_only
+    and in full."""
+    path = Path(__file__).parent / "data" / "datamodule_hparams_chest_xray_path.ckpt"
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(name for name in archive.namelist() if name.endswith("/data.pkl")))
+    named = {argument.replace(" ", ".") for opcode, argument, _ in pickletools.genops(pickled) if opcode.name == "GLOBAL"}
+    assert {"datamodules.chest_xray.Augmentation", "datamodules.chest_xray.Degradation"} <= named, named
+    assert Augmentation.__module__ != "datamodules.chest_xray", "the former module path went untested"
+    expected = {"augmentation": Augmentation(probability=1.0, rotate_degrees=3.0), "degradation": Degradation(photons=None, read_noise=0.01)}
+    for trusted in ("0", "1"):
+        monkeypatch.setenv(TRUST_CHECKPOINTS_ENV, trusted)
+        data = load_checkpoint(path)["datamodule_hyper_parameters"]
+        assert {key: data[key] for key in expected} == expected  # a dataclass equals only an instance of its own class
 
 
 def test_a_resumed_run_loads_every_checkpoint_with_weights_only(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ class AttackSpec:
         detector_weight: ``adaptive`` only: the weight of the detector term (its gradient normalised per image, like
             the task term's, so that 1 weighs them alike).
         max_images: evaluate this attack on the test images of index < `max_images` only (None: every image
-            the callback attacks), a class-stratified subset (see `datamodules.chest_xray.interleaved_order`),
+            the callback attacks), a class-stratified subset (see `datamodules.sampling.interleaved_order`),
             the same for any batch size and number of ranks; for attacks too costly for the whole set, such as
             white-box attacks through a diffusion purifier. Its report row states the images it covered and
             their clean accuracy.
