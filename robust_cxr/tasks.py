@@ -99,9 +99,10 @@ class Task(ABC):
         """Report columns from a counter's `compute()`: one dict per metric, each starting with ``n``, ``metric``,
         ``value``, ``clean_value``; `attacked` is False for the clean row."""
 
-    @abstractmethod
     def overlay(self, images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) RGB in [0, 1]: images (N, C, H, W) with what the outputs (N, ...) predict drawn on them."""
+        """(N, 3, H, W) RGB in [0, 1]: images (N, C, H, W) with what the outputs (N, ...) predict drawn on them; by
+        default the images alone, in gray."""
+        return _grayscale_rgb(images)
 
     def example_columns(self, clean: torch.Tensor, adversarial: torch.Tensor, targets: torch.Tensor, clean_outputs: torch.Tensor,
                         adversarial_outputs: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -174,9 +175,6 @@ class ClassificationTask(Task):
             perturbation=result["perturbation"] if attacked else None,
         )]
 
-    def overlay(self, images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        return _grayscale_rgb(images)
-
     def caption(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> list[str]:
         names = self.class_names
         return [
@@ -223,6 +221,12 @@ class PerImageScoredTask(Task):
     def report_rows(self, result: dict[str, torch.Tensor], attacked: bool) -> list[dict]:
         return [dict(n=int(result["total"]), metric=name, value=result[name].item(), clean_value=result[f"clean_{name}"].item(),
                      perturbation=result["perturbation"].item() if attacked else None) for name in self.score_names]
+
+    def caption(self, targets: torch.Tensor, clean_outputs: torch.Tensor, adversarial_outputs: torch.Tensor) -> list[str]:
+        """The first score of each image, clean and attacked."""
+        name = self.score_names[0]
+        clean, attacked = self.per_image_score(targets, clean_outputs).tolist(), self.per_image_score(targets, adversarial_outputs).tolist()
+        return [f"{name} clean: {before:.3f}\n{name} adversarial: {after:.3f}" for before, after in zip(clean, attacked)]
 
 
 class SegmentationTask(PerImageScoredTask):
