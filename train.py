@@ -38,6 +38,15 @@ from robust_cxr.safe_loading import load_checkpoint, weights_only  # noqa: E402
 
 CONFIG_FOLDER = Path(__file__).resolve().parent / "configs"  # where `--config NAME` is looked up
 RUN_DIR_ENV = "ROBUST_CXR_RUN_DIR"  # the resolved run directory, inherited by DDP worker processes
+# The loggers of every config that sets no `trainer.logger` of its own (one that does replaces them; `--trainer.logger false`
+# turns them off). Both write to the run directory (their save_dir is replaced by it): metrics.csv, kept across resumes, and
+# the run's W&B run, offline unless WANDB_MODE=online (README, "W&B").
+DEFAULT_LOGGERS = [
+    {"class_path": "loggers.ResumableCSVLogger", "init_args": {"save_dir": "runs/default", "name": "", "version": ""}},
+    {"class_path": "lightning.pytorch.loggers.WandbLogger",
+     "init_args": {"save_dir": "runs/default", "project": "robust-cxr",
+                   "log_model": False}},  # true: upload best.ckpt and last.ckpt as artifacts at the end; "all": every time one is saved
+]
 
 
 class RobustCXRCLI(LightningCLI):
@@ -186,7 +195,8 @@ def build_cli(args: list[str] | None) -> RobustCXRCLI:
         save_config_callback=SaveConfigToWandb,
         save_config_kwargs={"overwrite": True},  # a resumed or requeued run rewrites its config.yaml
         parser_kwargs={"exit_on_error": False},  # a bad option raises, for run_cli to print without the whole usage
-        trainer_defaults={"callbacks": [EpochSeeding()]},  # added to the config's callbacks
+        trainer_defaults={"callbacks": [EpochSeeding()],  # added to the config's callbacks
+                          "logger": DEFAULT_LOGGERS},  # replaced by the config's loggers
     )
 
 
