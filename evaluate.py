@@ -30,18 +30,17 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would q
 import lightning as L  # noqa: E402
 import yaml  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from callbacks import AdversarialExampleCallback  # noqa: E402
 from callbacks.evaluation_journal import check_or_write_settings  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
 from lightning_modules.stage import load_stage_module  # noqa: E402
+from loggers import configure_loggers, finish_wandb_runs, is_wandb_config, logger_configs  # noqa: E402
 from robust_cxr.attacks import AttackSpec  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.reports import CURVE_EPS_255, eps_curve_attacks, robustness_curves, write_robustness_curves  # noqa: E402
 from robust_cxr.runs import DEVICE_KEYS, MADE_BY, check_data_fits, file_sha256, find_run, run_defaults, run_directory, upstream_sha256  # noqa: E402
-from train import configure_wandb_loggers  # noqa: E402
 
 SUITE_FOLDER = Path(__file__).resolve().parent / "configs" / "eval"  # where `--suite NAME` is looked up
 TRAINER_KEYS_KEPT = (*DEVICE_KEYS, "logger")  # from the run's config
@@ -111,15 +110,12 @@ def main(args: list[str] | None = None) -> list[dict]:
 
     trainer_options = options.trainer
     trainer_options.default_root_dir = str(output_dir)
-    loggers = trainer_options.logger if isinstance(trainer_options.logger, list) else [trainer_options.logger]
+    loggers = logger_configs(trainer_options.logger)
     for logger in loggers:
-        if hasattr(logger, "init_args"):
-            if "save_dir" in logger.init_args:
-                logger.init_args.save_dir = str(output_dir)
-            if str(logger.class_path).endswith("WandbLogger"):  # a W&B run of its own, resumed with the evaluation
-                logger.init_args.id = logger.init_args.version = None
-                logger.init_args.name = f"{run_dir.name}-eval-{name}"
-    configure_wandb_loggers(loggers, output_dir)
+        if is_wandb_config(logger):  # a W&B run of its own, resumed with the evaluation
+            logger.init_args.id = logger.init_args.version = None
+            logger.init_args.name = f"{run_dir.name}-eval-{name}"
+    configure_loggers(loggers, output_dir)
 
     instantiated = parser.instantiate(options)
     attacks += instantiated.attacks or []  # AttackSpecs once instantiated
@@ -151,9 +147,7 @@ def main(args: list[str] | None = None) -> list[dict]:
         if curve_attacks:
             curves = write_robustness_curves(robustness_curves(rows, curve_attacks, options.curve_eps), output_dir)
             rank_zero_info(f"Robustness curves: {curves}")
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
+    finish_wandb_runs(trainer)
     return rows
 
 

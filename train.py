@@ -17,29 +17,36 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query PyPI on import
 
 import lightning as L  # noqa: E402
 import yaml  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
 
 from callbacks import AdversarialExampleCallback, EpochSeeding  # noqa: E402
+from callbacks.run_identity import RunIdentity, check_resumes_this_run, run_identity  # noqa: E402
 from datamodules import ChestXRayDataModule  # noqa: E402
+from loggers import configure_loggers, finish_wandb_runs, logger_configs  # noqa: E402
 from robust_cxr.cli_errors import run_cli  # noqa: E402
 from robust_cxr.safe_loading import load_checkpoint, weights_only  # noqa: E402
 
 CONFIG_FOLDER = Path(__file__).resolve().parent / "configs"  # where `--config NAME` is looked up
 RUN_DIR_ENV = "ROBUST_CXR_RUN_DIR"  # the resolved run directory, inherited by DDP worker processes
-WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run directory: one W&B run per run directory, across resumes and requeues
-RUN_IDENTITY_KEY = "run_identity"  # in every checkpoint: what model and data it belongs to
+# The loggers of every config that sets no `trainer.logger` of its own (one that does replaces them; `--trainer.logger false`
+# turns them off). Both write to the run directory (their save_dir is replaced by it): metrics.csv, kept across resumes, and
+# the run's W&B run, offline unless WANDB_MODE=online (README, "W&B").
+DEFAULT_LOGGERS = [
+    {"class_path": "loggers.ResumableCSVLogger", "init_args": {"save_dir": "runs/default", "name": "", "version": ""}},
+    {"class_path": "lightning.pytorch.loggers.WandbLogger",
+     "init_args": {"save_dir": "runs/default", "project": "robust-cxr",
+                   "log_model": False}},  # true: upload best.ckpt and last.ckpt as artifacts at the end; "all": every time one is saved
+]
 
 
 class RobustCXRCLI(LightningCLI):
@@ -81,11 +88,7 @@ class RobustCXRCLI(LightningCLI):
         config.run_dir = str(run_dir)
         config.trainer.default_root_dir = str(run_dir)
         config.checkpoint.dirpath = config.last_checkpoint.dirpath = str(run_dir / "checkpoints")
-        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-        for logger in loggers:
-            if hasattr(logger, "init_args") and "save_dir" in logger.init_args:
-                logger.init_args.save_dir = str(run_dir)
-        configure_wandb_loggers(loggers, run_dir)
+        configure_loggers(logger_configs(config.trainer.logger), run_dir)
 
 
 class SaveConfigToWandb(SaveConfigCallback):
@@ -96,48 +99,6 @@ class SaveConfigToWandb(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(config)
-
-
-def configure_wandb_loggers(loggers: list, run_dir: Path) -> None:
-    """For the WandbLogger configs among `loggers`: sets the W&B mode (`wandb_mode`), and their run id and name from `run_dir`."""
-    wandb_loggers = [logger for logger in loggers if str(getattr(logger, "class_path", "")).endswith("WandbLogger")]
-    if not wandb_loggers:
-        return
-    os.environ["WANDB_MODE"] = wandb_mode()
-    run_id = wandb_run_id(run_dir)
-    for logger in wandb_loggers:
-        if not (logger.init_args.get("id") or logger.init_args.get("version")):
-            logger.init_args.id = run_id
-        logger.init_args.name = logger.init_args.get("name") or run_dir.name
-
-
-def wandb_mode() -> str:
-    """W&B never prompts for a login: `WANDB_MODE` if set, else online under a sweep agent and offline otherwise.
-
-    Online without credentials (`wandb login`, WANDB_API_KEY) falls back to offline with a warning.
-    """
-    mode = os.environ.get("WANDB_MODE") or ("online" if "WANDB_SWEEP_ID" in os.environ else "offline")
-    if mode in ("online", "run"):
-        import wandb
-
-        if not wandb.login(prompt=False, verify=False):
-            rank_zero_warn("WANDB_MODE=online, but W&B has no credentials (`wandb login` or WANDB_API_KEY): logging offline.")
-            return "offline"
-    return mode
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """The W&B run id of `run_dir`: a sweep agent's WANDB_RUN_ID, else the one stored in the run directory, else a new one.
-
-    Global rank 0 stores it in `<run_dir>/wandb_run_id`, so a resumed or requeued run continues the same W&B run.
-    """
-    path = run_dir / WANDB_RUN_ID_FILE
-    stored = path.read_text().strip() if path.is_file() else None
-    run_id = os.environ.get("WANDB_RUN_ID") or stored or secrets.token_hex(4)
-    if rank_zero_only.rank == 0 and run_id != stored:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
-    return run_id
 
 
 def with_config_folder(args: list[str]) -> list[str]:
@@ -202,50 +163,6 @@ def resume_checkpoint(run_dir: Path, resume: str) -> str | None:
     return resume
 
 
-class RunIdentity(Callback):
-    """Stores `identity` (see `run_identity`) in every checkpoint, so that a resume can check it continues this run."""
-
-    def __init__(self, identity: dict):
-        self.identity = identity
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[RUN_IDENTITY_KEY] = self.identity
-
-
-def run_identity(cli: LightningCLI) -> dict:
-    """What a run's checkpoints belong to: the model class and the data (source, root, seed, split and subsampling,
-    classes, size, degradation)."""
-    data = cli.datamodule.hparams
-    degradation = cli.datamodule.degradation
-    return dict(
-        model=f"{type(cli.model).__module__}.{type(cli.model).__qualname__}",
-        data_source=data.source,
-        data_root=str(Path(data.root).resolve()) if data.root else None,
-        data_seed=data.seed,
-        data_split=list(data.split),
-        synthetic_samples=data.synthetic_samples if data.source == "synthetic" else None,
-        class_ratio=dict(data.class_ratio) if data.class_ratio else None,
-        class_names=list(cli.datamodule.class_names),
-        image_size=data.image_size,
-        channels=data.channels,
-        degradation=asdict(degradation) if degradation is not None else None,
-    )
-
-
-def check_resumes_this_run(checkpoint_path: str, identity: dict) -> None:
-    """Raises ValueError when the checkpoint to resume from was written by a run of another model or other data."""
-    stored = load_checkpoint(checkpoint_path, mmap=True).get(RUN_IDENTITY_KEY)
-    if stored is None:
-        rank_zero_warn(f"{checkpoint_path} predates run identities: not checking that it belongs to this run's model and data.")
-        return
-    differences = [f"{key}: {stored.get(key)!r} in the checkpoint, {value!r} in this run" for key, value in identity.items() if stored.get(key) != value]
-    if differences:
-        raise ValueError(
-            f"Not resuming from {checkpoint_path}: it belongs to another run (" + "; ".join(differences) + "). Its run directory "
-            "is left as it is. Start a fresh run with --resume never (a new numbered run directory beside it) or another --run_dir."
-        )
-
-
 def _stored_global_step(path: Path) -> int | None:
     """The global step a checkpoint was saved at; None, with a warning, for a file cut short when its job was killed."""
     try:
@@ -278,7 +195,8 @@ def build_cli(args: list[str] | None) -> RobustCXRCLI:
         save_config_callback=SaveConfigToWandb,
         save_config_kwargs={"overwrite": True},  # a resumed or requeued run rewrites its config.yaml
         parser_kwargs={"exit_on_error": False},  # a bad option raises, for run_cli to print without the whole usage
-        trainer_defaults={"callbacks": [EpochSeeding()]},  # added to the config's callbacks
+        trainer_defaults={"callbacks": [EpochSeeding()],  # added to the config's callbacks
+                          "logger": DEFAULT_LOGGERS},  # replaced by the config's loggers
     )
 
 
@@ -286,7 +204,7 @@ def _fit_and_test(args: list[str] | None) -> dict[str, float]:
     cli = build_cli(args)
     run_dir = Path(cli.config.run_dir)
     ckpt_path = resume_checkpoint(run_dir, cli.config.resume)
-    identity = run_identity(cli)
+    identity = run_identity(cli.model, cli.datamodule)
     if ckpt_path:
         check_resumes_this_run(ckpt_path, identity)
         rank_zero_info(f"Resuming from {ckpt_path}")
@@ -298,9 +216,7 @@ def _fit_and_test(args: list[str] | None) -> dict[str, float]:
     if cli.trainer.is_global_zero:
         (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         rank_zero_info(f"Run directory: {run_dir.resolve()}")
-    for logger in cli.trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()  # a later run in this process starts its own W&B run
+    finish_wandb_runs(cli.trainer)
     return metrics
 
 

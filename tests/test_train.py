@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import CONFIGS, REPO, run_train, shrink_config, without_nan
@@ -46,6 +48,32 @@ def test_help_lists_every_option():
     for option in ("--data.source", "--data.root", "--data.image_size", "--run_dir", "--resume", "--checkpoint.monitor",
                    "--trainer.max_epochs", "--model CONFIG"):
         assert option in result.stdout, option
+
+
+def test_a_config_without_loggers_logs_to_the_default_ones_in_its_run_directory_and_its_own_replace_them(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from loggers import ResumableCSVLogger
+    from train import RUN_DIR_ENV, build_cli
+
+    config = shrink_config(CONFIGS / "teacher.yaml", tmp_path)
+    own = tmp_path / "own_logger.yaml"
+    own.write_text(yaml.safe_dump({"trainer": {"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                                          "init_args": {"save_dir": "elsewhere", "name": "mine"}}}}))
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv(RUN_DIR_ENV, str(run_dir))  # as a DDP worker: build_cli leaves the environment as it was
+
+    cli = build_cli(["--config", str(config)])
+    assert [type(logger) for logger in cli.trainer.loggers] == [ResumableCSVLogger, WandbLogger]
+    assert all(logger.save_dir == str(run_dir) for logger in cli.trainer.loggers) and Path(cli.trainer.loggers[0].log_dir) == run_dir
+    wandb_config = cli.config.trainer.logger[1].init_args  # as config.yaml lists it, for evaluate.py
+    assert (wandb_config.project, wandb_config.name, wandb_config.log_model) == ("robust-cxr", "run", False)
+    assert wandb_config.id == (run_dir / "wandb_run_id").read_text().strip()
+
+    cli = build_cli(["--config", str(config), "--config", str(own)])
+    assert [type(logger) for logger in cli.trainer.loggers] == [CSVLogger]
+    assert Path(cli.trainer.loggers[0].log_dir) == run_dir / "mine" / "version_0"
+    assert build_cli(["--config", str(config), "--trainer.logger", "false"]).trainer.loggers == []
 
 
 def test_resume_never_starts_a_fresh_run_directory(tmp_path):

@@ -100,7 +100,7 @@ def test_offline_run_holds_metrics_config_and_report_and_resumes_the_same_run(fr
 
 
 def test_wandb_never_prompts_and_is_offline_unless_asked(fresh_wandb_session, monkeypatch, tmp_path):
-    from train import wandb_mode
+    from loggers import wandb_mode
 
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no credentials anywhere
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
