@@ -32,7 +32,7 @@ class ImageClassifierModule(StageModule):
     (gathered over ranks) and the validation metrics of that epoch are taken at it, so ``best.ckpt`` holds the
     threshold its metrics were measured at.
 
-    Subclasses build `self.model` and call `save_hyperparameters()`.
+    Subclasses build `self.model`.
 
     Args:
         num_classes, class_names: the classes in label order, linked from the DataModule by the CLI.
@@ -43,6 +43,7 @@ class ImageClassifierModule(StageModule):
             the training split's counts, so every class contributes equally) or one weight per class.
         target_sensitivity: binary tasks only: the sensitivity (recall of class 1) the decision threshold must
             reach on validation; None decides by argmax (P(class 1) > 0.5).
+        data: ``in_chans``, ``image_size`` (see `StageModule`).
     """
 
     report_name = "classifier"
@@ -57,8 +58,9 @@ class ImageClassifierModule(StageModule):
         label_smoothing: float = 0.0,
         class_weights: Literal["none", "balanced"] | list[float] = "none",
         target_sensitivity: float | None = None,
+        **data: int,
     ):
-        super().__init__()
+        super().__init__(num_classes, class_names, **data)
         _check_imbalance_options(num_classes, class_weights, target_sensitivity)
         self.train_acc = classification_metrics(num_classes)["acc"].clone()
         self.val_outputs = LogitsAndLabels()

@@ -6,6 +6,8 @@ clean images. Both train on adversarial images that the callback crafts on the f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,14 +31,14 @@ class TargetDefenseStage(StageModule):
     task: the callback's attacks ascend the target's loss and the report scores the target's outputs.
 
     Args:
-        target_ckpt: checkpoint (or run directory) of a classifier or segmenter stage.
-        in_chans, image_size: the data's, linked by the CLI; they must be the target's.
+        target_ckpt: checkpoint (or run directory) of a classifier or segmenter stage, trained on this data.
         lr, weight_decay, warmup_epochs: AdamW with linear warmup, then cosine decay per step.
+        data: the data's classes, channels and image side (see `StageModule`).
     """
 
-    def __init__(self, target_ckpt: str, in_chans: int, image_size: int):
-        super().__init__()
-        target = load_stage_module(target_ckpt, TARGET_COMMAND, in_chans=in_chans, image_size=image_size)
+    def __init__(self, target_ckpt: str, lr: float = 1e-3, weight_decay: float = 1e-4, warmup_epochs: float = 0.5, **data: Any):
+        super().__init__(**data)
+        target = self.load_upstream(target_ckpt, TARGET_COMMAND)
         if target.task is None:
             raise ValueError(f"{target_ckpt} holds a {type(target).__name__} stage, which has no task to defend; "
                              "pass a classifier's or the segmenter's checkpoint as target_ckpt.")
@@ -79,27 +81,20 @@ class AdversarialDetector(TargetDefenseStage):
     Args:
         representation, with_image, widths: the detector (see `robust_cxr.frequency.FrequencyDetector`).
         false_positive_rate: the share of clean images the threshold may flag.
-        Other arguments: see `TargetDefenseStage`.
+        stage: the other arguments, see `TargetDefenseStage`.
     """
 
     def __init__(
         self,
         target_ckpt: str = "runs/segmenter/checkpoints/best.ckpt",
-        num_classes: int = 2,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 64,
         representation: FrequencyRepresentation = "log_magnitude",
         with_image: bool = False,
         widths: tuple[int, ...] = (16, 32, 64),
         false_positive_rate: float = 0.05,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        warmup_epochs: float = 0.5,
+        **stage: Any,
     ):
-        super().__init__(target_ckpt, in_chans, image_size)
-        self.save_hyperparameters()
-        self.model = FrequencyDetector(in_chans, representation, with_image, tuple(widths))
+        super().__init__(target_ckpt, **stage)
+        self.model = FrequencyDetector(self.hparams.in_chans, representation, with_image, tuple(widths))
         self.val_clean_scores = LogitsAndLabels()  # scores (B, 1) of clean validation images, with their indices
         self.seen_attacks: list[str] = []
 
@@ -161,31 +156,24 @@ class AdversarialReformer(TargetDefenseStage):
         encoder_name, encoder_depth, decoder_channels, feature_channels, head_channels: the reformer's network (see
             `robust_cxr.models.ResidualRestorer`).
         task_loss_weight: weight of the target's loss on reformed attacked images (0: pixel loss only).
-        Other arguments: see `TargetDefenseStage`.
+        stage: the other arguments, see `TargetDefenseStage`.
     """
 
     def __init__(
         self,
         target_ckpt: str = "runs/segmenter/checkpoints/best.ckpt",
         detector_ckpt: str | None = "runs/detector/checkpoints/best.ckpt",
-        num_classes: int = 2,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 64,
         encoder_name: str = "tu-resnet10t",
         encoder_depth: int = 3,
         decoder_channels: tuple[int, ...] = (32, 16, 16),
         feature_channels: int = 16,
         head_channels: int = 32,
         task_loss_weight: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        warmup_epochs: float = 0.5,
+        **stage: Any,
     ):
-        super().__init__(target_ckpt, in_chans, image_size)
-        self.save_hyperparameters()
-        check_unet_image_size(image_size, encoder_depth)
-        self.model = ResidualRestorer(in_chans, encoder_name, encoder_depth, tuple(decoder_channels), feature_channels, head_channels)
+        super().__init__(target_ckpt, **stage)
+        check_unet_image_size(self.hparams.image_size, encoder_depth)
+        self.model = ResidualRestorer(self.hparams.in_chans, encoder_name, encoder_depth, tuple(decoder_channels), feature_channels, head_channels)
         self.detector_stage = None if detector_ckpt is None else _load_detector(detector_ckpt, self._task)
         if self.detector_stage is not None:
             self.register_frozen("detector", self.detector_stage.model)

@@ -28,36 +28,29 @@ class NoisyImageModeling(ExportingDenoiserStage):
     and `robust_cxr.purification.load_purifier` read.
 
     Args:
-        num_classes, class_names: linked from the DataModule by the CLI; unused (the denoiser has no labels).
-        in_chans, image_size: image channels and side, linked from the DataModule.
         architecture: `NoisyImageModel` arguments (patch size, encoder and decoder widths and depths, `norm_pix_loss`).
         noise: the training distribution of sigma in [0, 1] pixel units, a `NoiseScale` spec: De^3's
             ``{distribution: gamma, shape: 25, scale: 3/255}`` by default, or ``uniform`` (low, high), ``fixed`` (sigma).
         eval_sigma: the noise std of the validation and test PSNR, in [0, 1] pixel units (75/255 by default).
         lr, weight_decay, warmup_epochs: AdamW (no decay on norms, biases, position embeddings), linear warmup, cosine decay.
-        export_dir: export folder, relative to the run directory.
+        denoiser: ``export_dir`` and the data (see `ExportingDenoiserStage`; the denoiser has no labels).
     """
 
     def __init__(
         self,
-        num_classes: int = 2,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 64,
         architecture: dict[str, Any] | None = None,
         noise: dict[str, Any] = DE3_NOISE,
         eval_sigma: float = 75 / 255,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_epochs: float = 0.5,
-        export_dir: str = "export",
+        **denoiser: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**denoiser)
         self.noise = NoiseScale.from_spec(noise)
         if eval_sigma <= 0:
             raise ValueError(f"eval_sigma must be > 0 (a noise std in [0, 1] pixel units, e.g. 0.294 for 75/255), got {eval_sigma}.")
-        self.model = NoisyImageModel(image_size=image_size, in_chans=in_chans, **{**DEFAULT_ARCHITECTURE, **(architecture or {})})
+        self.model = NoisyImageModel(image_size=self.hparams.image_size, in_chans=self.hparams.in_chans, **{**DEFAULT_ARCHITECTURE, **(architecture or {})})
         self.val_metrics = mean_metrics("loss", "psnr", "psnr_noisy")
         self.test_metrics = mean_metrics("loss", "psnr", "psnr_noisy")
 

@@ -37,8 +37,6 @@ class DiffusionPurifier(ExportingDenoiserStage):
     settings (``purifier_settings.json``, read by `load_purifier`).
 
     Args:
-        num_classes, class_names: linked from the DataModule by the CLI; unused (the DDPM is unconditional).
-        in_chans, image_size: image channels and side, linked from the DataModule.
         unet: `UNet2DModel` arguments for training from scratch (channels and sample size come from the data).
         pretrained: a local diffusers folder to fine-tune from instead: an export of this stage (``unet/`` and
             ``scheduler/``) or a bare `UNet2DModel` folder (``config.json`` and weights).
@@ -49,15 +47,11 @@ class DiffusionPurifier(ExportingDenoiserStage):
         ema_decay: decay of the weights' exponential moving average (warmed up as (1 + n) / (10 + n)).
         t_star, method, steps: the purification whose PSNR validation reports.
         lr, weight_decay, warmup_epochs: AdamW with linear warmup, then cosine decay per step.
-        export_dir: export folder, relative to the run directory.
+        denoiser: ``export_dir`` and the data (see `ExportingDenoiserStage`; the DDPM is unconditional: no classes).
     """
 
     def __init__(
         self,
-        num_classes: int = 2,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 64,
         unet: dict[str, Any] | None = None,
         pretrained: str | None = None,
         num_train_timesteps: int = 1000,
@@ -72,17 +66,16 @@ class DiffusionPurifier(ExportingDenoiserStage):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_epochs: float = 0.5,
-        export_dir: str = "export",
+        **denoiser: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**denoiser)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
         schedule = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end)
         if pretrained is None:
-            self.unet, self.scheduler = _new_unet(in_chans, image_size, unet), DDPMScheduler(**schedule)
+            self.unet, self.scheduler = _new_unet(self.hparams.in_chans, self.hparams.image_size, unet), DDPMScheduler(**schedule)
         else:
-            self.unet, self.scheduler = _load_pretrained(Path(pretrained), in_chans, schedule)
+            self.unet, self.scheduler = _load_pretrained(Path(pretrained), self.hparams.in_chans, schedule)
         total_timesteps = self.scheduler.config.num_train_timesteps
         self.max_train_timestep = min(max_train_timestep or total_timesteps - 1, total_timesteps - 1)
         if self.max_train_timestep < t_star:

@@ -13,10 +13,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier
+from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule
 from lightning_modules.restorer import NETWORK_ARGUMENTS, RESTORER_COMMAND, Restorer
 from lightning_modules.stage import MODEL_INPUT_KEYS, StageModule, StepLoss, load_stage_module
 from robust_cxr.purification import PurifiedModel, load_purifier, resolve_purifier_settings
+from robust_cxr.runs import check_fits
 from robust_cxr.threat import DefendedModel
 
 LEGACY_DIFFUSION_SETTINGS = ("t_star", "method", "steps", "eta")  # arguments of their own in checkpoints older than `purifier_settings`
@@ -109,7 +110,7 @@ class PurifyThenFinetune(FinetunedBehindPurifier, ImageClassifierModule):
     Args:
         teacher_ckpt: checkpoint of the classifier stage to start from (its operating point too).
         purifier_dir, purifier_settings, n_repeats, train_strength_range: see `FinetunedBehindPurifier`.
-        Other arguments: see `ImageClassifierModule`; `in_chans` and `image_size` must match the teacher.
+        classifier: the other arguments, see `ImageClassifierModule`; the data must be the teacher's.
     """
 
     report_name = "teacher_finetuned"
@@ -117,25 +118,17 @@ class PurifyThenFinetune(FinetunedBehindPurifier, ImageClassifierModule):
     def __init__(
         self,
         num_classes: int,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 64,
         teacher_ckpt: str = "runs/teacher/checkpoints/best.ckpt",
         purifier_dir: str = "runs/purifier/export",
         purifier_settings: dict[str, Any] | None = None,
         n_repeats: int = 1,
         train_strength_range: tuple[float, float] | None = None,
         lr: float = 1e-4,
-        weight_decay: float = 0.05,
         warmup_epochs: float = 0.5,
-        label_smoothing: float = 0.0,
-        class_weights: Literal["none", "balanced"] | list[float] = "none",
-        target_sensitivity: float | None = None,
+        **classifier: Any,
     ):
-        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights, target_sensitivity)
-        self.save_hyperparameters()
-        teacher = load_classifier(teacher_ckpt, TEACHER_COMMAND, num_classes=num_classes, class_names=class_names, in_chans=in_chans,
-                                  image_size=image_size)
+        super().__init__(num_classes, lr=lr, warmup_epochs=warmup_epochs, **classifier)
+        teacher = self.load_upstream(teacher_ckpt, TEACHER_COMMAND, ImageClassifierModule, "classifier")
         self.start_behind_purifier(teacher)
         self.operating_point.offset.copy_(teacher.operating_point.offset)  # starts at the teacher's; target_sensitivity re-chooses it
 
@@ -157,17 +150,14 @@ class PurifyThenFinetuneRestorer(FinetunedBehindPurifier, Restorer):
         restorer_ckpt: checkpoint of the restorer stage to start from (its network settings too).
         purifier_dir, purifier_settings, n_repeats, train_strength_range: see `FinetunedBehindPurifier`; Song et al.
             fine-tune at 50..100 diffusion steps.
-        Other arguments: see `Restorer`; `in_chans` must match the restorer.
+        pixel_loss, ssim_weight, lr, weight_decay, warmup_epochs: see `Restorer`, whose network comes from `restorer_ckpt`.
+        data: see `StageModule`; the restorer's.
     """
 
     report_name = "restorer_finetuned"
 
     def __init__(
         self,
-        num_classes: int = 2,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 64,
         restorer_ckpt: str = "runs/restorer/checkpoints/best.ckpt",
         purifier_dir: str = "runs/purifier_restore/export",
         purifier_settings: dict[str, Any] | None = None,
@@ -178,10 +168,14 @@ class PurifyThenFinetuneRestorer(FinetunedBehindPurifier, Restorer):
         lr: float = 3e-4,
         weight_decay: float = 1e-4,
         warmup_epochs: float = 0.2,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        in_chans: int = 1,
+        image_size: int = 64,
     ):
-        restorer = load_stage_module(restorer_ckpt, RESTORER_COMMAND, Restorer, "restorer", in_chans=in_chans)
-        network = {name: restorer.hparams[name] for name in NETWORK_ARGUMENTS}
-        super().__init__(num_classes, class_names, in_chans, image_size, **network, pixel_loss=pixel_loss, ssim_weight=ssim_weight,
-                         lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
-        self.save_hyperparameters()
-        self.start_behind_purifier(restorer)
+        start = load_stage_module(restorer_ckpt, RESTORER_COMMAND, Restorer, "restorer")
+        super().__init__(**{name: start.hparams[name] for name in NETWORK_ARGUMENTS}, pixel_loss=pixel_loss, ssim_weight=ssim_weight, lr=lr,
+                         weight_decay=weight_decay, warmup_epochs=warmup_epochs, num_classes=num_classes, class_names=class_names,
+                         in_chans=in_chans, image_size=image_size)
+        check_fits(start.hparams, restorer_ckpt, **self.data_settings)
+        self.start_behind_purifier(start)

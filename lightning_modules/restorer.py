@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -26,23 +26,17 @@ class Restorer(StageModule):
     degraded inputs themselves. Attacks and the robustness report follow `RestorationTask`.
 
     Args:
-        num_classes, class_names: linked from the DataModule by the CLI; unused.
-        in_chans, image_size: image channels and side, linked from the DataModule (the side a multiple of
-            2 ** encoder_depth).
         encoder_name, encoder_depth, decoder_channels, feature_channels, head_channels: the network (see
-            `robust_cxr.models.ResidualRestorer`).
+            `robust_cxr.models.ResidualRestorer`); the image side must be a multiple of 2 ** encoder_depth.
         pixel_loss: ``mse`` (what PSNR measures) or ``l1``; ssim_weight: weight of the 1 - SSIM term (0: none).
         lr, weight_decay, warmup_epochs: AdamW with linear warmup, then cosine decay per step.
+        data: the data's classes (unused), channels and image side (see `StageModule`).
     """
 
     report_name = "restorer"
 
     def __init__(
         self,
-        num_classes: int = 2,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 64,
         encoder_name: str = "tu-resnet10t",
         encoder_depth: int = 3,
         decoder_channels: Sequence[int] = (32, 16, 16),
@@ -53,15 +47,15 @@ class Restorer(StageModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         warmup_epochs: float = 0.2,
+        **data: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
-        check_unet_image_size(image_size, encoder_depth)
+        super().__init__(**data)
+        check_unet_image_size(self.hparams.image_size, encoder_depth)
         if pixel_loss not in ("mse", "l1"):
             raise ValueError(f"--model.init_args.pixel_loss must be mse or l1, got {pixel_loss!r}.")
         if ssim_weight < 0:
             raise ValueError(f"--model.init_args.ssim_weight must be >= 0 (0: no SSIM term), got {ssim_weight}.")
-        self.model = ResidualRestorer(in_chans, encoder_name, encoder_depth, decoder_channels, feature_channels, head_channels)
+        self.model = ResidualRestorer(self.hparams.in_chans, encoder_name, encoder_depth, decoder_channels, feature_channels, head_channels)
         self.val_metrics = mean_metrics(*SCORES)
         self.test_metrics = mean_metrics(*SCORES)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -20,32 +20,27 @@ class LungSegmenter(StageModule):
     (per image, averaged: the figures of the report, `SegmentationTask.image_scores`). Attacks and the robustness report follow `SegmentationTask`.
 
     Args:
-        num_classes, class_names: linked from the DataModule by the CLI; unused (one foreground class).
-        in_chans, image_size: image channels and side, linked from the DataModule (the side a multiple of
-            2 ** encoder_depth).
-        encoder_name, encoder_depth, decoder_channels: the U-Net (see `robust_cxr.models.create_segmenter`).
+        encoder_name, encoder_depth, decoder_channels: the U-Net (see `robust_cxr.models.create_segmenter`); the image
+            side must be a multiple of 2 ** encoder_depth.
         lr, weight_decay, warmup_epochs: AdamW with linear warmup, then cosine decay per step.
+        data: the data's classes (unused: one foreground class), channels and image side (see `StageModule`).
     """
 
     report_name = "segmenter"
 
     def __init__(
         self,
-        num_classes: int = 2,
-        class_names: list[str] | None = None,
-        in_chans: int = 1,
-        image_size: int = 64,
         encoder_name: str = "tu-resnet10t",
         encoder_depth: int = 4,
         decoder_channels: Sequence[int] = (64, 32, 16, 8),
         lr: float = 2e-3,
         weight_decay: float = 1e-4,
         warmup_epochs: float = 0.5,
+        **data: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters()
-        check_unet_image_size(image_size, encoder_depth)
-        self.model = create_segmenter(encoder_name, in_chans, encoder_depth, decoder_channels)
+        super().__init__(**data)
+        check_unet_image_size(self.hparams.image_size, encoder_depth)
+        self.model = create_segmenter(encoder_name, self.hparams.in_chans, encoder_depth, decoder_channels)
         self.val_metrics = mean_metrics("dice", "iou")
         self.test_metrics = mean_metrics("dice", "iou")
 

@@ -3,12 +3,12 @@ that votes, with the members' disagreement as a detector of adversarial inputs (
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier
+from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule
 from lightning_modules.stage import StepLoss, calibrate_detector_threshold
 from robust_cxr.metrics import LogitsAndLabels, class_scores
 from robust_cxr.models import NormalizedModel
@@ -35,8 +35,8 @@ class SelfEnsembleViT(ImageClassifierModule):
         hidden_sizes: each head's hidden widths. The paper's 4096-2048-128 is for ViT-B/16 at 224 px (196 tokens x
             768 = 150528 inputs); the default ViT-Tiny hybrid at 64 px has 4 tokens x 192 = 768, hence (256, 64).
         false_positive_rate: the share of clean validation images the detector's threshold may flag.
-        in_chans, image_size: the data's, linked by the CLI; they must be the teacher's.
-        Other arguments: see `ImageClassifierModule` (no `target_sensitivity`: the vote decides by majority).
+        classifier: the other arguments, see `ImageClassifierModule` (no `target_sensitivity`: the vote decides by
+            majority); the data must be the teacher's.
     """
 
     report_name = "teacher"
@@ -49,21 +49,16 @@ class SelfEnsembleViT(ImageClassifierModule):
         num_blocks: int = 5,
         hidden_sizes: tuple[int, ...] = (256, 64),
         false_positive_rate: float = 0.05,
-        in_chans: int = 1,
-        image_size: int = 64,
-        class_names: list[str] | None = None,
-        lr: float = 1e-3,
         weight_decay: float = 1e-4,
         warmup_epochs: float = 0.5,
-        label_smoothing: float = 0.0,
-        class_weights: Literal["none", "balanced"] | list[float] = "none",
+        **classifier: Any,
     ):
-        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights)
-        self.save_hyperparameters()
+        super().__init__(num_classes, weight_decay=weight_decay, warmup_epochs=warmup_epochs, **classifier)
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 (heads on blocks 0 .. num_blocks - 1), got {num_blocks}.")
-        teacher = load_classifier(teacher_ckpt, TEACHER_COMMAND, num_classes=num_classes, class_names=class_names, in_chans=in_chans,
-                                  image_size=image_size)
+        if self.hparams.target_sensitivity is not None:
+            raise ValueError("SEViT decides by majority vote: leave target_sensitivity unset (the teacher's threshold is its ViT's).")
+        teacher = self.load_upstream(teacher_ckpt, TEACHER_COMMAND, ImageClassifierModule, "classifier")
         classifier = teacher.model
         if not (isinstance(classifier, NormalizedModel) and isinstance(classifier.backbone, VisionTransformer)):
             backbone = type(getattr(classifier, "backbone", classifier)).__name__
@@ -72,7 +67,7 @@ class SelfEnsembleViT(ImageClassifierModule):
                 f"SEViT puts its heads on a ViT's blocks. Pass the checkpoint of a ViT teacher (`{TEACHER_COMMAND}`, model_name vit_*)."
             )
         depth = len(classifier.backbone.blocks)
-        tokens, dim = block_tokens_shape(classifier, in_chans, image_size)
+        tokens, dim = block_tokens_shape(classifier, self.hparams.in_chans, self.hparams.image_size)
         heads = BlockHeads(min(num_blocks, depth), tokens, dim, num_classes, tuple(hidden_sizes))
         self.model = SelfEnsemble(classifier, teacher.operating_point, heads)
         self.val_clean_scores = LogitsAndLabels()  # consistency scores (B, 1) of clean validation images, with their indices

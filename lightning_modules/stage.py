@@ -81,9 +81,13 @@ class StageModule(L.LightningModule):
     # loaded again from the earlier stage's file.
     upstream_submodules: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 2, class_names: list[str] | None = None, in_chans: int = 1, image_size: int = 64) -> None:
+        """Args: num_classes, class_names, in_chans, image_size: the data's classes, channels and image side, linked from the
+        DataModule by the CLI and saved with every stage (a stage that does not use them keeps what it was trained on).
+        Every stage's arguments become its hyperparameters (``self.hparams``)."""
         super().__init__()
         self._frozen_names: list[str] = []
+        self.save_hyperparameters()
 
     @property
     def task(self) -> Task | None:
@@ -137,6 +141,16 @@ class StageModule(L.LightningModule):
             metrics[name].update(value)
             self.log(f"{stage}/{name}", metrics[name], prog_bar=prog_bar and not name.endswith(("_noisy", "_degraded")))
 
+    @property
+    def data_settings(self) -> dict[str, Any]:
+        """The data this stage trains on: ``class_names``, ``num_classes``, ``in_chans``, ``image_size``."""
+        return {name: self.hparams[name] for name in ("class_names", "num_classes", "in_chans", "image_size")}
+
+    def load_upstream(self, checkpoint: str | Path, made_by: str, kind: type[StageModule] | None = None, kind_name: str = "robust-cxr") -> StageModule:
+        """The earlier stage of `checkpoint` (a `kind`, by default any stage), frozen, checked to have been trained on this
+        stage's data (`load_stage_module`): the one way a stage loads the stage it builds on."""
+        return load_stage_module(checkpoint, made_by, kind or StageModule, kind_name, **self.data_settings)
+
     def register_frozen(self, name: str, module: nn.Module) -> None:
         """Makes `module` available as ``self.<name>``: frozen, always in eval mode, and kept out of the
         state dict, the optimizer and DDP (it is not a registered submodule), but moved with this module."""
@@ -176,6 +190,10 @@ class ExportingDenoiserStage(StageModule):
     equal terms, and log ``{stage}/<name>`` of ``val_metrics`` / ``test_metrics`` (`mean_metrics`; the ``*_noisy`` ones
     off the progress bar). At the end of `fit`, rank 0 writes `export` to ``<run dir>/<export_dir>``.
     """
+
+    def __init__(self, export_dir: str = "export", **data: Any) -> None:
+        """Args: export_dir: the export folder, relative to the run directory; data: see `StageModule`."""
+        super().__init__(**data)
 
     def evaluation_values(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-image figures (name -> (B,)) of ``val_metrics`` for clean images (B, C, S, S) in [0, 1], drawing all noise

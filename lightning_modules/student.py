@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule, load_classifier
+from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule
 from lightning_modules.stage import StepLoss, TrainingAttack
 from robust_cxr.attacks import AttackSpec, trades_kl
 from robust_cxr.costs import model_costs, write_model_costs
@@ -44,8 +44,7 @@ class DistilledStudent(ImageClassifierModule):
         robust_kd: ``none`` (Hinton KD on the training batch), ``ard`` (Goldblum et al. 2020: student
             on x' matched to the teacher on x, plus CE on x; the attack ascends CE) or ``rslad``
             (Zi et al. 2021: teacher soft labels replace the labels in the loss and in the attack).
-        in_chans, image_size: input channels and side, linked from the DataModule by the CLI.
-        Other arguments: see `ImageClassifierModule`.
+        classifier: the other arguments, see `ImageClassifierModule`.
     """
 
     report_name = "student"
@@ -62,22 +61,12 @@ class DistilledStudent(ImageClassifierModule):
         temperature: float = 4.0,
         alpha: float = 0.9,
         robust_kd: Literal["none", "ard", "rslad"] = "none",
-        in_chans: int = 1,
-        image_size: int = 64,
-        class_names: list[str] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 1.0,
-        label_smoothing: float = 0.0,
-        class_weights: Literal["none", "balanced"] | list[float] = "none",
-        target_sensitivity: float | None = None,
+        **classifier: Any,
     ):
-        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights, target_sensitivity)
+        super().__init__(num_classes, **classifier)
         check_distillation_settings(temperature, alpha)
-        self.save_hyperparameters()
-        self.model = create_student_classifier(student_name, num_classes, in_chans, image_size, **(student_kwargs or {}))
-        teacher = load_classifier(teacher_ckpt, TEACHER_COMMAND, num_classes=num_classes, class_names=class_names, in_chans=in_chans,
-                                  image_size=image_size)
+        self.model = create_student_classifier(student_name, num_classes, self.hparams.in_chans, self.hparams.image_size, **(student_kwargs or {}))
+        teacher = self.load_upstream(teacher_ckpt, TEACHER_COMMAND, ImageClassifierModule, "classifier")
         if distill_purified and purifier_dir is None:
             raise ValueError("distill_purified=True needs purifier_dir, the purifier stage's export (runs/purifier/export).")
         self.register_frozen_teacher(teacher)

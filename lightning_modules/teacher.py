@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -20,11 +20,10 @@ class TeacherClassifier(ImageClassifierModule):
             thousand images where a plain ViT needs far more.
         model_kwargs: extra timm arguments (``depth``, ``embed_dim``, ``drop_path_rate`` ...).
         pretrained_weights: local timm weights file, or None to train from scratch.
-        in_chans, image_size: input channels and side, linked from the DataModule by the CLI.
         train_noise_sigma: Gaussian noise augmentation (Cohen et al. 2019, the base classifier of randomized smoothing):
             every training input gets N(0, sigma^2) noise, in [0, 1] pixel units and not clamped; validation and test
             see clean images. 0: none.
-        Other arguments: see `ImageClassifierModule`.
+        classifier: the other arguments, see `ImageClassifierModule`.
     """
 
     report_name = "teacher"
@@ -35,24 +34,14 @@ class TeacherClassifier(ImageClassifierModule):
         model_name: str = "vit_tiny_r_s16_p8_224",
         model_kwargs: dict[str, Any] | None = None,
         pretrained_weights: str | None = None,
-        in_chans: int = 1,
-        image_size: int = 64,
-        class_names: list[str] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 1.0,
-        label_smoothing: float = 0.0,
-        class_weights: Literal["none", "balanced"] | list[float] = "none",
-        target_sensitivity: float | None = None,
         train_noise_sigma: float = 0.0,
+        **classifier: Any,
     ):
-        super().__init__(num_classes, class_names, lr, weight_decay, warmup_epochs, label_smoothing, class_weights, target_sensitivity)
+        super().__init__(num_classes, **classifier)
         if not train_noise_sigma >= 0:
             raise ValueError(f"train_noise_sigma must be >= 0 (a noise std in [0, 1] pixel units; 0: no noise), got {train_noise_sigma}.")
-        self.save_hyperparameters()
-        self.model = create_timm_classifier(
-            model_name, num_classes, in_chans, image_size, pretrained_weights, **(model_kwargs or {})
-        )
+        hp = self.hparams
+        self.model = create_timm_classifier(model_name, num_classes, hp.in_chans, hp.image_size, pretrained_weights, **(model_kwargs or {}))
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's loss on the batch with N(0, train_noise_sigma^2) noise added to its inputs (`MODEL_INPUT_KEYS`)."""
