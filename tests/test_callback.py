@@ -63,7 +63,7 @@ def test_test_report_of_a_trained_teacher(teacher_run):
     markdown = (teacher_run / "robustness_report.md").read_text()
     assert "| teacher | none | 0.5000 | pgd10 | whitebox |" in markdown and "| sensitivity |" in markdown
     with Image.open(teacher_run / "adversarial_examples.png") as grid:
-        assert grid.size == (5 * 128, 128 // 4 + 8 * 128)  # 3 tiles and the text (2 tiles wide) under a title band
+        assert grid.size[0] == 5 * 128 and 8 * 128 < grid.size[1] < 9 * 128  # 3 tiles and the text (2 tiles wide) under the titles
 
 
 def _load_teacher(teacher_run) -> TeacherClassifier:

@@ -322,7 +322,7 @@ def test_robustness_report_of_a_segmenter(segmenter_run, tmp_path):
     assert "| segmenter | none |" in (tmp_path / "robustness_report.md").read_text()
 
     with Image.open(tmp_path / "adversarial_examples.png") as grid:
-        assert grid.size == (3 * 128 + 2 * 128, 128 // 4 + 8 * 128)  # clean | adversarial | perturbation | text, 8 rows
+        assert grid.size[0] == 3 * 128 + 2 * 128 and 8 * 128 < grid.size[1] < 9 * 128  # clean | adversarial | perturbation | text, 8 rows
         pixels = np.asarray(grid.convert("RGB")).astype(int)
     title = pixels[: 128 // 4, : 3 * 128]
     assert (title < 128).any() and (title == 255).mean() > 0.8  # dark text on white
