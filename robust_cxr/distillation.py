@@ -42,23 +42,16 @@ def soft_target_kl(
     return temperature**2 * weighted_mean(per_image, weights)
 
 
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE(student, labels).
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE(student, labels): `ard_loss` with the
+    clean images in place of the adversarial ones.
 
     Args:
         student_logits, teacher_logits: (B, K) for the same images; labels: (B,) class indices.
         temperature: T > 0 softens both distributions; alpha in [0, 1]: 0 is plain cross-entropy.
     """
-    check_distillation_settings(temperature, alpha)
-    cross_entropy = weighted_mean(F.cross_entropy(student_logits, labels, reduction="none"), weights)
-    return alpha * soft_target_kl(student_logits, teacher_logits, temperature, weights) + (1 - alpha) * cross_entropy
+    return ard_loss(student_logits, student_logits, teacher_logits, labels, temperature, alpha, weights)
 
 
 def ard_loss(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import CONFIGS, TINY_VIT, run_train, shrink_config
 from lightning_modules import TeacherClassifier
-from lightning_modules.classifier import load_classifier_module
+from lightning_modules.classifier import load_classifier
 from robust_cxr.distillation import kd_loss, rslad_loss
 from robust_cxr.metrics import BalancedAccuracy, margin_threshold_for_sensitivity
 from robust_cxr.models import OperatingPoint
@@ -99,7 +99,7 @@ def test_operating_point_is_chosen_on_validation_and_used_by_test_and_report(tmp
     run_dir = tmp_path / "run"
     metrics = run_train(config, run_dir, "--trainer.max_epochs", "2", "--model.init_args.target_sensitivity", "0.9",
                         "--model.init_args.class_weights", "balanced", "--checkpoint.monitor", "val/balanced_acc")
-    module = load_classifier_module(run_dir, "teacher")
+    module = load_classifier(run_dir, "teacher")
     assert module.class_weight.tolist() == [1.0, 1.0], "class weights are set for training, not saved"
     threshold = module.operating_point.probability_threshold
     assert 0 < threshold < 1 and "test/balanced_acc" in metrics

@@ -19,7 +19,7 @@ from datamodules.sources import SYNTHETIC_CLASS_NAMES
 from datamodules.synthetic import generate_phantoms
 from export import main as export_main
 from lightning_modules import TeacherClassifier
-from lightning_modules.classifier import CLASSIFIER_COMMAND, load_classifier_module
+from lightning_modules.classifier import CLASSIFIER_COMMAND, load_classifier
 from predict import input_paths
 from predict import main as predict_main
 from robust_cxr.deployment import ExportedGraph, draw_noise
@@ -41,7 +41,7 @@ def write_phantom_folder(root: Path, count: int, image_size: int, seed: int) -> 
 def report_accuracy(checkpoint: Path, root: Path, run_dir: Path) -> float:
     """test/acc of the checkpoint on every image of the class folders under `root`, through Lightning's test loop
     (what a stage writes at test time goes to `run_dir`)."""
-    stage = load_classifier_module(checkpoint, CLASSIFIER_COMMAND)
+    stage = load_classifier(checkpoint, CLASSIFIER_COMMAND)
     data = ChestXRayDataModule(source="folder", root=str(root), image_size=stage.hparams.image_size,
                                channels=stage.hparams.in_chans, batch_size=64, split=(0.0, 0.0, 1.0))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir)
@@ -104,7 +104,7 @@ def test_purify_then_finetune_predicts_through_the_purifier_and_saves_what_it_cl
     checkpoint = tiny_stage_checkpoints["purify_finetune"]
     rows = predict_main([str(checkpoint), str(folder), "--output", str(tmp_path / "p.csv"), "--save-purified", str(tmp_path / "purified"),
                          "--batch-size", "4", "--seed", "3"])
-    stage = load_classifier_module(checkpoint, CLASSIFIER_COMMAND)
+    stage = load_classifier(checkpoint, CLASSIFIER_COMMAND)
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(row["path"]))) for row in rows[:4]]).float().div(255).unsqueeze(1)
     purified = torch.stack([torch.from_numpy(np.asarray(Image.open(row["purified_path"]))) for row in rows[:4]]).float().div(255).unsqueeze(1)
     assert not torch.allclose(purified, images, atol=0.05), "the saved images were not purified"
@@ -137,7 +137,7 @@ def test_an_exported_pipeline_graph_predicts_with_its_noise_drawn_per_batch_from
     arguments = [str(graph), str(folder), "--batch-size", "4", "--seed", "3"]
     rows = predict_main([*arguments, "--output", str(tmp_path / "a.csv")])
     assert predict_main([*arguments, "--output", str(tmp_path / "b.csv")]) == rows, "the same seed drew other noise"
-    deployed = load_classifier_module(checkpoint, CLASSIFIER_COMMAND).deployed_model()
+    deployed = load_classifier(checkpoint, CLASSIFIER_COMMAND).deployed_model()
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(row["path"]))) for row in rows]).float().div(255).unsqueeze(1)
     noise = ExportedGraph(graph).metadata["noise"]
     for batch_number, start in enumerate(range(0, len(rows), 4)):  # the checkpoint's pipeline on the draws of each batch's seed

@@ -21,7 +21,7 @@ from callbacks import AdversarialExampleCallback
 from conftest import CONFIGS, run_train, shrink_config
 from datamodules import ChestXRayDataModule
 from lightning_modules import LungSegmenter
-from lightning_modules.classifier import load_classifier_module
+from lightning_modules.classifier import load_classifier
 from lightning_modules.stage import load_stage_module
 from robust_cxr.attacks import AttackSpec, LogitAverage, craft_adversarial
 from robust_cxr.metrics import dice_and_iou
@@ -274,7 +274,7 @@ def test_a_segmenter_without_masks_asks_for_them(tmp_path, stage):
 
 def test_a_segmenter_checkpoint_is_no_classifier(segmenter_run):
     with pytest.raises(ValueError, match=r"holds a LungSegmenter stage, not a classifier"):
-        load_classifier_module(segmenter_run.checkpoint, "python train.py --config configs/teacher.yaml")
+        load_classifier(segmenter_run.checkpoint, "python train.py --config configs/teacher.yaml")
 
 
 def test_image_size_must_be_a_multiple_of_the_unet_downsampling():

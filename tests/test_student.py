@@ -184,13 +184,14 @@ def test_robust_distillation_trains_on_clean_and_adversarial_images(teacher_ckpt
     with torch.no_grad():
         clean_as_adversarial = {**batch, "adversarial_image": batch["image"][:16]}
         assert student.training_loss(batch)[0] != student.training_loss(clean_as_adversarial)[0]
-    with_targets, targets, loss_fn = student.adversarial_training_targets(batch, 16)
+    plan = student.adversarial_training_attack(batch, 16, AttackSpec(method="pgd", eps=EPS, steps=2), None)
+    assert plan.paired
     if robust_kd == "ard":
-        assert torch.equal(targets, batch["label"][:16]) and loss_fn is None and "teacher_logits" not in with_targets
+        assert torch.equal(plan.targets, batch["label"][:16]) and plan.loss is None and "teacher_logits" not in plan.batch
     else:
         teacher_logits = student.teacher(batch["image"])
-        torch.testing.assert_close(with_targets["teacher_logits"], teacher_logits)
-        torch.testing.assert_close(targets, teacher_logits[:16].softmax(dim=1))
+        torch.testing.assert_close(plan.batch["teacher_logits"], teacher_logits)
+        torch.testing.assert_close(plan.targets, teacher_logits[:16].softmax(dim=1))
 
 
 def _save_tiny_purifier(directory):
