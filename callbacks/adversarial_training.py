@@ -4,8 +4,9 @@ At `setup` the callback wraps `on_after_batch_transfer` (the DataModule's or the
 calls), which runs on each rank's batch after it reaches the device, outside the DDP forward and outside autocast. There
 it attacks the first `train_fraction` of the batch as the stage's protocol says (`StageModule.adversarial_training_attack`,
 following `adversarial_training_source`): the attacked images replace the clean ones (PGD-AT) or go beside them as
-``adversarial_image`` (TRADES, robust distillation, a defense that learns from attacks). Attacks never write parameter
-``.grad`` (see `robust_cxr.attacks.attacking`).
+``adversarial_image`` (TRADES, robust distillation, a defense that learns from attacks). A random source (a purifier
+in front of the model) may be followed on one draw per step: a stochastic gradient is fine for training, unlike for
+evaluation. Attacks never write parameter ``.grad`` (see `robust_cxr.attacks.attacking`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from robust_cxr.attacks import GRADIENT_METHODS, AttackSpec, craft_adversarial
+from robust_cxr.attacks import GRADIENT_METHODS, AttackSpec, craft_adversarial, is_stochastic
 
 
 class AdversarialTraining(Callback):
@@ -89,11 +90,13 @@ class AdversarialTraining(Callback):
         if count == 0 or spec is None:
             return batch
         plan = pl_module.adversarial_training_attack(batch, count, spec, self.trades_beta)
-        batch = plan.batch
+        batch, source = plan.batch, pl_module.adversarial_training_source()
+        # bf16 under bf16 training, but fp32 through a random defense (a purifier), whose small noise scales bf16 would lose.
+        dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") and not is_stochastic(source) else None
         adversarial = craft_adversarial(
-            spec, pl_module.adversarial_training_source(), batch["image"][:count], plan.targets, loss_fn=plan.loss,
-            num_classes=pl_module.task.num_classes, keys=batch["index"][:count] if "index" in batch else None,
-            seed=self.seed + 1 + trainer.global_step, autocast_dtype=torch.bfloat16 if str(trainer.precision).startswith("bf16") else None,
+            spec, source, batch["image"][:count], plan.targets, loss_fn=plan.loss, num_classes=pl_module.task.num_classes,
+            keys=batch["index"][:count] if "index" in batch else None, seed=self.seed + 1 + trainer.global_step, autocast_dtype=dtype,
+            one_draw_allowed=True,
         )
         if plan.paired:
             return {**batch, "adversarial_image": adversarial, **plan.extras}

@@ -16,10 +16,12 @@ from torch import nn
 from lightning_modules.classifier import TEACHER_COMMAND, ImageClassifierModule
 from lightning_modules.restorer import NETWORK_ARGUMENTS, RESTORER_COMMAND, Restorer
 from lightning_modules.stage import MODEL_INPUT_KEYS, StageModule, StepLoss, load_stage_module
+from robust_cxr.attacks import IdentityBackward
 from robust_cxr.purification import PurifiedModel, load_purifier, resolve_purifier_settings
 from robust_cxr.runs import check_fits
 from robust_cxr.threat import DefendedModel
 
+TrainingAttackSource = Literal["model", "pipeline", "bpda"]
 LEGACY_DIFFUSION_SETTINGS = ("t_star", "method", "steps", "eta")  # arguments of their own in checkpoints older than `purifier_settings`
 
 
@@ -30,11 +32,11 @@ class FinetunedBehindPurifier:
     The stage's ``__init__`` loads the stage to start from and calls `start_behind_purifier`: ``self.model`` becomes a
     trainable copy of the start's, the start's deployed model stays frozen as the report's baseline
     (``self.start_model``), and the purifier export stays frozen in front (``self.purifier``): the diffusion purifier
-    stage's or the NIM stage's, whichever `load_purifier` finds there. The adversarial callback replaces part of each
-    training batch by attacks crafted against the current model (`adversarial_training_source`, the model alone);
-    every training input (`MODEL_INPUT_KEYS`) is then purified at a strength drawn per batch from
-    `train_strength_range` (t* for diffusion, sigma for NIM) before the stage's own `training_loss`, so the model
-    learns the whole range of purification outputs. Validation, test and `forward` run the deployed pipeline: the
+    stage's or the NIM stage's, whichever `load_purifier` finds there. Each training batch draws a purifier strength from
+    `train_strength_range` (t* for diffusion, sigma for NIM), so the model learns the whole range of purification
+    outputs. The adversarial callback attacks part of the batch (`adversarial_training_source`, see `training_attack`);
+    every training input (`MODEL_INPUT_KEYS`) is then purified at the batch's strength before the stage's own
+    `training_loss`. Validation, test and `forward` run the deployed pipeline: the
     purifier as `purifier_settings` say, then the fine-tuned model, averaged over `n_repeats` purifications, [0, 1]
     images (B, C, H, W) -> the stage's outputs (logits, restored images, ...).
 
@@ -50,6 +52,10 @@ class FinetunedBehindPurifier:
         train_strength_range: inclusive [low, high] range of the purifier's strength for training batches: t* for
             diffusion (integers, e.g. [50, 100]), sigma in [0, 1] pixel units for NIM (De^3: [0, 0.1176], i.e. 0..30/255)
             and for denoised smoothing (above 0); None trains at the deployed strength.
+        training_attack: what the training attacks follow: ``model``, the model alone (they are then purified: training
+            for the gray-box threat); ``pipeline``, the purifier at the batch's strength then the model, with exact
+            gradients through the differentiable purifier (training for the white-box threat; EOT as the attack's
+            `eot_samples` say); ``bpda``, the same pipeline with the purifier's backward pass taken as the identity.
     """
 
     def start_behind_purifier(self, start: StageModule) -> None:
@@ -79,16 +85,33 @@ class FinetunedBehindPurifier:
         return PurifiedModel(self.purifier, self.model, self.hparams.n_repeats)(images)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
-        """The stage's training loss on the batch with its inputs purified at a strength drawn from `train_strength_range`."""
+        """The stage's training loss on the batch with its inputs purified at the batch's strength (`training_purifier`)."""
         purifier = self.training_purifier()
-        return super().training_loss({key: purifier(value) if key in MODEL_INPUT_KEYS else value for key, value in batch.items()})
+        with torch.no_grad():
+            purified = {key: purifier(value) if key in MODEL_INPUT_KEYS else value for key, value in batch.items()}
+        return super().training_loss(purified)
 
-    def training_purifier(self) -> nn.Module:
-        """The purifier at a strength drawn from `train_strength_range` (not differentiable), or the deployed one."""
+    def training_purifier(self, differentiable: bool = False) -> nn.Module:
+        """The purifier at this training batch's strength, drawn from `train_strength_range` at the batch's first call (the
+        deployed one without a range): the training attack and the training loss see the same purification."""
         strength_range = self.hparams.train_strength_range
         if strength_range is None:
             return self.purifier
-        return self.purifier.at_strength(self.purifier.draw_strength(*strength_range))
+        if getattr(self, "_batch_strength", None) is None:
+            self._batch_strength = self.purifier.draw_strength(*strength_range)
+        return self.purifier.at_strength(self._batch_strength, differentiable)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._batch_strength = None  # the next batch draws its own
+
+    def adversarial_training_source(self) -> nn.Module:
+        """What training attacks follow (`training_attack`): the model alone, or the purifier at the batch's strength then
+        the model, exactly or with BPDA."""
+        if self.hparams.training_attack == "model":
+            return self.model
+        purifier = self.training_purifier(differentiable=True)
+        pipeline = PurifiedModel(purifier, self.model)
+        return pipeline if self.hparams.training_attack == "pipeline" else IdentityBackward(pipeline, purifier)
 
     def behind_purifier(self, alone: DefendedModel) -> DefendedModel:
         """`alone` (a model without a defense) deployed behind the purifier; gray-box attacks follow `alone.undefended`."""
@@ -109,7 +132,7 @@ class PurifyThenFinetune(FinetunedBehindPurifier, ImageClassifierModule):
 
     Args:
         teacher_ckpt: checkpoint of the classifier stage to start from (its operating point too).
-        purifier_dir, purifier_settings, n_repeats, train_strength_range: see `FinetunedBehindPurifier`.
+        purifier_dir, purifier_settings, n_repeats, train_strength_range, training_attack: see `FinetunedBehindPurifier`.
         classifier: the other arguments, see `ImageClassifierModule`; the data must be the teacher's.
     """
 
@@ -123,6 +146,7 @@ class PurifyThenFinetune(FinetunedBehindPurifier, ImageClassifierModule):
         purifier_settings: dict[str, Any] | None = None,
         n_repeats: int = 1,
         train_strength_range: tuple[float, float] | None = None,
+        training_attack: TrainingAttackSource = "model",
         lr: float = 1e-4,
         warmup_epochs: float = 0.5,
         **classifier: Any,
@@ -148,7 +172,7 @@ class PurifyThenFinetuneRestorer(FinetunedBehindPurifier, Restorer):
 
     Args:
         restorer_ckpt: checkpoint of the restorer stage to start from (its network settings too).
-        purifier_dir, purifier_settings, n_repeats, train_strength_range: see `FinetunedBehindPurifier`; Song et al.
+        purifier_dir, purifier_settings, n_repeats, train_strength_range, training_attack: see `FinetunedBehindPurifier`; Song et al.
             fine-tune at 50..100 diffusion steps.
         pixel_loss, ssim_weight, lr, weight_decay, warmup_epochs: see `Restorer`, whose network comes from `restorer_ckpt`.
         data: see `StageModule`; the restorer's.
@@ -163,6 +187,7 @@ class PurifyThenFinetuneRestorer(FinetunedBehindPurifier, Restorer):
         purifier_settings: dict[str, Any] | None = None,
         n_repeats: int = 1,
         train_strength_range: tuple[float, float] | None = (50, 100),
+        training_attack: TrainingAttackSource = "model",
         pixel_loss: Literal["mse", "l1"] = "mse",
         ssim_weight: float = 0.0,
         lr: float = 3e-4,

@@ -162,3 +162,40 @@ def test_bad_inputs_name_the_fix(stages, tmp_path):
         _finetuner(stages, in_chans=3)
     with pytest.raises(ValueError, match=r"train_strength_range must be \[low, high\] with 0 <= low <= high \(t_star\)"):
         _finetuner(stages, train_strength_range=(20, 10))
+
+
+@pytest.mark.parametrize("training_attack", ["pipeline", "bpda"])
+def test_training_attacks_through_the_pipeline_follow_the_purifier_at_the_batch_strength(stages, training_attack):
+    """The training attack's source is the purifier at the batch's strength then the model: its input gradient (fixed
+    purifier noise) matches finite differences and differs from the model alone's; BPDA's is the model's gradient at
+    the purified image. The training loss purifies at the same strength."""
+    module = PurifyThenFinetune(num_classes=2, image_size=IMAGE_SIZE, teacher_ckpt=stages["teacher"], purifier_dir=stages["purifier"],
+                                purifier_settings=dict(t_star=30, method="ddim", steps=1), train_strength_range=(20, 40),
+                                training_attack=training_attack)
+    source = module.adversarial_training_source()
+    pipeline = source.pipeline if training_attack == "bpda" else source
+    assert 20 <= pipeline.purifier.t_star <= 40 and module.training_purifier().t_star == pipeline.purifier.t_star  # one strength per batch
+    source, alone = source.double(), module.model.double().eval()
+    torch.manual_seed(0)
+    images, labels = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float64).mul(0.6).add(0.2), torch.tensor([0, 1])
+
+    def loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1)  # the same purifier noise at every call
+        return torch.nn.functional.cross_entropy(model(x), labels, reduction="sum")
+
+    x = images.clone().requires_grad_(True)
+    gradient = torch.autograd.grad(loss(source, x), x)[0]
+    alone_gradient = torch.autograd.grad(loss(alone, x), x)[0]
+    assert not torch.allclose(gradient, alone_gradient, atol=1e-6)
+    if training_attack == "bpda":
+        return
+    step = 1e-5
+    for position in torch.randint(0, gradient.numel(), (6,)).tolist():
+        shift = torch.zeros(gradient.numel(), dtype=torch.float64)
+        shift[position] = step
+        shift = shift.view_as(images)
+        with torch.no_grad():
+            estimate = (loss(source, images + shift) - loss(source, images - shift)) / (2 * step)
+        assert estimate.item() == pytest.approx(gradient.flatten()[position].item(), rel=1e-4, abs=1e-7)
+    module.on_train_batch_end(None, None, 0)
+    assert module._batch_strength is None  # the next batch draws its own strength

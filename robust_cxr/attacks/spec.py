@@ -154,6 +154,7 @@ def craft_adversarial(
     loss_fn: LossFn | None = None,
     score_fn: ScoreFn | None = None,
     autocast_dtype: torch.dtype | None = None,
+    one_draw_allowed: bool = False,
 ) -> torch.Tensor:
     """Adversarial versions of `images` that follow the gradients (or queries) of `source`.
 
@@ -168,6 +169,8 @@ def craft_adversarial(
             right): the attack keeps, per image, its lowest-score iterate, then the highest-loss one; None: the
             highest-loss one.
         autocast_dtype: run the source under autocast in this dtype (bf16); None runs fp32.
+        one_draw_allowed: a random source may be attacked on one draw per step: a training attack's stochastic gradient,
+            never an evaluation (where success would be judged on luck).
 
     Returns:
         (B, C, H, W) in [0, 1], within `spec.eps` of `images` in `spec.norm` (except CW-L2), finite.
@@ -180,7 +183,8 @@ def craft_adversarial(
             f"Attack {spec.label}: the loss of {spec.method} needs at least {method.min_classes} classes (this task has {num_classes}); "
             "use apgd_ce, autoattack, pgd or cw_l2 for binary classifiers."
         )
-    check_eot(spec, source, type(source).__name__)
+    if not one_draw_allowed:
+        check_eot(spec, source, type(source).__name__)
     images = images.detach()
     run = AttackRun(spec, source, images.clone(), targets, loss_fn, score_fn, num_classes, keys, seed, is_stochastic(source))
     with attacking(source), torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
