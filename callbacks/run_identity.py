@@ -25,7 +25,7 @@ class RunIdentity(L.Callback):
 
 def run_identity(model: L.LightningModule, datamodule: L.LightningDataModule) -> dict:
     """What a run's checkpoints belong to: the class of `model` and the data of `datamodule` (a `ChestXRayDataModule`:
-    source, root, seed, split and subsampling, classes, size, degradation)."""
+    source, root, seed, split and subsampling, classes, size, degradation, generated training data)."""
     data = datamodule.hparams
     degradation = datamodule.degradation
     return dict(
@@ -40,6 +40,8 @@ def run_identity(model: L.LightningModule, datamodule: L.LightningDataModule) ->
         image_size=data.image_size,
         channels=data.channels,
         degradation=asdict(degradation) if degradation is not None else None,
+        generated=str(Path(data.generated).resolve()) if data.get("generated") else None,
+        generated_ratio=data.generated_ratio if data.get("generated") else None,
     )
 
 

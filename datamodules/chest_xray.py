@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from datamodules.dataset import GrayscaleImageDataset
-from datamodules.sampling import (ClassBalancedSampler, UnpaddedDistributedSampler, check_class_ratio, interleaved_order,
+from datamodules.dataset import GrayscaleImageDataset, Samples
+from datamodules.sampling import (ClassBalancedSampler, GeneratedMixSampler, UnpaddedDistributedSampler, check_class_ratio, interleaved_order,
                                   subsample_to_class_ratio)
 from datamodules.sources import (SYNTHETIC_CLASS_NAMES, folder_class_names, folder_splits, medmnist_class_names, medmnist_splits,
-                                 synthetic_splits)
+                                 read_generated, synthetic_splits)
 from datamodules.transforms import Augmentation, Degradation
 
 
@@ -52,6 +53,11 @@ class ChestXRayDataModule(L.LightningDataModule):
             augmentation) and ``"clean"`` (B, C, S, S) float32 in [0, 1] the clean image. Validation and test images
             are degraded by noise drawn from (`seed`, split, index), the same in every epoch and run; training images
             draw fresh noise at every epoch, from torch's RNG like the augmentation (so a run's seed fixes them).
+        generated: a dataset written by generate.py (images sampled from a DDPM trained on this data, labelled by a
+            classifier), added to the training split: training draws mix it in at `generated_ratio`
+            (`GeneratedMixSampler`), in the real images' class shares. Validation and test stay real.
+        generated_ratio: the generated share of each training batch, in [0, 1] (Wang et al. 2023: 0.7); 1 trains on the
+            generated images alone (their quality figure).
     """
 
     def __init__(
@@ -71,10 +77,16 @@ class ChestXRayDataModule(L.LightningDataModule):
         balanced_sampling: bool = False,
         masks: bool = False,
         degradation: Degradation | None = None,
+        generated: str | None = None,
+        generated_ratio: float = 0.7,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["class_names"])  # the model logs the resolved names
         _check_options(source, root, image_size, channels, split, masks)
+        if not 0 <= generated_ratio <= 1:
+            raise ValueError(f"--data.generated_ratio must lie in [0, 1] (the generated share of each training batch), got {generated_ratio}.")
+        if generated is not None and masks:
+            raise ValueError("--data.generated images have no lung masks: leave --data.masks false to train on them.")
         self.root = Path(root) if root is not None else None
         self.augmentation = augmentation if augmentation is not None else Augmentation()
         self.degradation = degradation  # under LightningCLI, hparams hold the config's dict rather than the dataclass
@@ -123,6 +135,14 @@ class ChestXRayDataModule(L.LightningDataModule):
             samples = subsample_to_class_ratio(samples, name, hp.class_ratio, self.class_names, hp.seed)
             samples = samples[interleaved_order(samples.labels, hp.seed)]
             training = name == "train"
+            if training and hp.generated is not None:  # real first, then generated: a sample's index is its place
+                extra = read_generated(Path(hp.generated), hp.image_size, hp.channels, self.class_names)
+                absent = [name for label, name in enumerate(self.class_names) if not (extra.labels == label).any()]
+                if absent and hp.generated_ratio > 0:
+                    raise ValueError(f"{hp.generated} holds no image of class {absent}: the training mix keeps every class's share; "
+                                     "generate more images (or with a lower --min_confidence).")
+                samples = Samples(np.concatenate([samples.images, extra.images]), np.concatenate([samples.labels, extra.labels]), None)
+                self.real_training_images = len(samples.labels) - len(extra.labels)
             transform = self.augmentation.build() if training else None
             self.datasets[name] = GrayscaleImageDataset(
                 samples.images, samples.labels, hp.channels, transform, samples.masks,
@@ -139,7 +159,10 @@ class ChestXRayDataModule(L.LightningDataModule):
         # epoch is before that epoch's seeding. Balanced sampling instead seeds its sampler from the data seed and epoch.
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        if training and self.hparams.balanced_sampling:
+        if training and self.hparams.generated is not None:
+            sampler = GeneratedMixSampler(dataset.labels, self.real_training_images, self.hparams.generated_ratio, self.hparams.balanced_sampling,
+                                          world_size, rank, self.hparams.seed)
+        elif training and self.hparams.balanced_sampling:
             sampler = ClassBalancedSampler(dataset.labels, world_size, rank, self.hparams.seed)
         elif training:
             sampler = RandomSampler(dataset)

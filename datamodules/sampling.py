@@ -52,21 +52,84 @@ class ClassBalancedSampler(DistributedSampler):
         super().__init__(range(len(self.labels)), num_replicas=num_replicas, rank=rank, seed=seed)
 
     def __iter__(self):
-        # (seed, epoch) hashed together, not seed + epoch, so runs of neighbouring seeds do not share epochs
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(state))
+        generator = epoch_generator(self.seed, self.epoch)
         classes = self.labels.unique()
-        shares = torch.full((len(classes),), self.total_size // len(classes))
-        shares[torch.randperm(len(classes), generator=generator)[: self.total_size % len(classes)]] += 1
-        draws = []
-        for label, share in zip(classes, shares.tolist()):
-            members = torch.nonzero(self.labels == label).squeeze(1)
-            cycles = -(-share // len(members))
-            permutations = torch.rand(cycles, len(members), generator=generator).argsort(dim=1)
-            draws.append(members[permutations].flatten()[:share])
-        sequence = torch.cat(draws)
+        sequence = class_draws(self.labels, classes, equal_shares(self.total_size, len(classes), generator), generator)
         sequence = sequence[torch.randperm(len(sequence), generator=generator)]
         return iter(sequence[self.rank :: self.num_replicas].tolist())
+
+
+class GeneratedMixSampler(DistributedSampler):
+    """Training indices of a split whose images at positions >= `real` are generated: each epoch draws the real images
+    (each once, or class-balanced as `ClassBalancedSampler` draws them) and enough generated ones that a share `ratio`
+    of the epoch is generated, spread so that every run of consecutive indices (every batch) holds that share, within
+    one image. The generated draws keep the real draws' class shares (each generated image of a class drawn equally
+    often, within one), so mixing changes how much data each class sees, not the class balance. With `ratio` 1 the
+    epoch is the generated images alone, drawn in the real split's class shares. Seeded by (seed, epoch); rank r yields
+    ``sequence[r::num_replicas]``.
+
+    Args:
+        labels: (N,) int class of each image of the split, real first.
+        real: how many of them are real.
+        ratio: the generated share of each epoch, in [0, 1].
+        balanced: draw the real images class-balanced.
+        num_replicas, rank, seed: as `ClassBalancedSampler`'s.
+    """
+
+    def __init__(self, labels: np.ndarray | torch.Tensor, real: int, ratio: float, balanced: bool, num_replicas: int, rank: int, seed: int):
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.real, self.ratio, self.balanced = real, ratio, balanced
+        self.generated = len(self.labels) - real
+        size = self.generated if ratio == 1 else real + round(real * ratio / (1 - ratio))
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, seed=seed)
+
+    def __iter__(self):
+        generator = epoch_generator(self.seed, self.epoch)
+        real_labels, generated_labels = self.labels[: self.real], self.labels[self.real :]
+        classes = real_labels.unique()
+        slots = torch.arange(self.total_size)
+        is_generated = (torch.floor((slots + 1) * self.ratio) > torch.floor(slots * self.ratio)) if self.ratio < 1 else torch.ones_like(slots, dtype=torch.bool)
+        real_count = int((~is_generated).sum())
+        if self.balanced:
+            real_shares = equal_shares(real_count, len(classes), generator)
+            real_draws = class_draws(real_labels, classes, real_shares, generator)
+        else:
+            real_shares = torch.stack([(real_labels == label).sum() for label in classes])
+            real_draws = torch.randperm(self.real, generator=generator)[:real_count]
+        generated_count = self.total_size - real_count
+        shares = torch.floor(real_shares.double() / real_shares.sum() * generated_count).long()
+        shares[torch.randperm(len(classes), generator=generator)[: generated_count - int(shares.sum())]] += 1
+        generated_draws = self.real + class_draws(generated_labels, classes, shares, generator)
+        sequence = torch.empty(self.total_size, dtype=torch.int64)
+        sequence[~is_generated] = real_draws[torch.randperm(len(real_draws), generator=generator)]
+        sequence[is_generated] = generated_draws[torch.randperm(len(generated_draws), generator=generator)]
+        return iter(sequence[self.rank :: self.num_replicas].tolist())
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A generator seeded by (seed, epoch) hashed together, not seed + epoch, so runs of neighbouring seeds share no epoch."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+def equal_shares(total: int, classes: int, generator: torch.Generator) -> torch.Tensor:
+    """(classes,) draws that add up to `total`, equal but for one more for `total % classes` random classes."""
+    shares = torch.full((classes,), total // classes)
+    shares[torch.randperm(classes, generator=generator)[: total % classes]] += 1
+    return shares
+
+
+def class_draws(labels: torch.Tensor, classes: torch.Tensor, shares: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``shares[i]`` indices of images (of `labels` (N,)) of class ``classes[i]`` each, class by class, cycling through
+    fresh random permutations of the class's members, so that each is drawn equally often, within one."""
+    draws = []
+    for label, share in zip(classes.tolist(), shares.tolist()):
+        members = torch.nonzero(labels == label).squeeze(1)
+        if len(members) == 0:
+            raise ValueError(f"No image of class {label} to draw {share} from: every class needs images (the generated data too).")
+        cycles = -(-share // len(members))
+        permutations = torch.rand(cycles, len(members), generator=generator).argsort(dim=1)
+        draws.append(members[permutations].flatten()[:share])
+    return torch.cat(draws)
 
 
 

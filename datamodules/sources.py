@@ -261,3 +261,25 @@ def _resize_uint8(images: np.ndarray, image_size: int) -> np.ndarray:
             pixels.unsqueeze(1), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
         ).squeeze(1)
     return pixels.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+GENERATED_KEYS = ("images", "labels", "soft_targets", "class_names", "image_size", "channels")  # of a generate.py dataset
+
+
+def read_generated(path: Path, image_size: int, channels: int, class_names: list[str]) -> Samples:
+    """The images (uint8 planes (N, S, S)) and labels (N,) of a dataset written by generate.py, which must have been
+    generated for this data: its image side, channels and classes; ValueError naming the difference and the fix."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--data.generated {str(path)!r} does not exist; write one with `python generate.py` (see its --help).")
+    with np.load(path, allow_pickle=False) as data:
+        missing = sorted(set(GENERATED_KEYS) - set(data.files))
+        if missing:
+            raise ValueError(f"{path} lacks {missing}: it was not written by generate.py; generate the dataset again.")
+        record = {key: data[key] for key in GENERATED_KEYS}
+    generated = dict(image_size=int(record["image_size"]), channels=int(record["channels"]), class_names=record["class_names"].tolist())
+    expected = dict(image_size=image_size, channels=channels, class_names=list(class_names))
+    differences = [f"{name}: {generated[name]!r} there, {value!r} here" for name, value in expected.items() if generated[name] != value]
+    if differences:
+        raise ValueError(f"{path} was generated for other data (" + "; ".join(differences) + "): generate it from a DDPM and a classifier "
+                         "trained on this data, or set --data.* to the data it was generated for.")
+    return Samples(record["images"], record["labels"].astype(np.int64), None)

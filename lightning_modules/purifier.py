@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from lightning_modules.stage import ExportingDenoiserStage, mean_metrics
 from robust_cxr.metrics import per_image_psnr
-from robust_cxr.purification import PurificationMethod, Purifier, load_unet, write_default_settings
+from robust_cxr.purification import PurificationMethod, Purifier, load_unet, write_default_settings, write_trained_timesteps
 
 DEFAULT_UNET = dict(
     block_out_channels=(16, 32, 64),
@@ -120,11 +120,13 @@ class DiffusionPurifier(ExportingDenoiserStage):
         return dict(denoising_loss=loss.expand(len(images)), psnr=per_image_psnr(purified, images), psnr_noisy=per_image_psnr(noisy.clamp(0, 1), images))
 
     def export(self, directory: Path) -> None:
-        """The EMA UNet and the scheduler (diffusers folders ``unet/``, ``scheduler/``), and t_star, method and steps as
-        the export's default settings (`write_default_settings`; a later `select_strength.py` replaces them)."""
+        """The EMA UNet and the scheduler (diffusers folders ``unet/``, ``scheduler/``), t_star, method and steps as the
+        export's default settings (`write_default_settings`; a later `select_strength.py` replaces them), and the timesteps
+        the UNet was trained on (`write_trained_timesteps`)."""
         self.purifier().save_pretrained(directory)
         hp = self.hparams
         write_default_settings(directory, {"t_star": hp.t_star, "method": hp.method, "steps": hp.steps})
+        write_trained_timesteps(directory, self.max_train_timestep)
 
     def optimized_parameters(self):
         """The UNet's parameters (not its EMA copy)."""

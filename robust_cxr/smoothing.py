@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from robust_cxr.nim import NIMPurifier, NoisyImageModel
-from robust_cxr.purification import SMOOTHING_SETTING, Purifier, load_unet, purifier_class
+from robust_cxr.purification import SMOOTHING_SETTING, Purifier, check_trained_timestep, load_unet, purifier_class
 
 Denoiser = Literal["diffusion", "nim", "none"]
 
@@ -190,7 +190,9 @@ def smoothing_from_export(directory: str | Path, differentiable: bool = False, *
     if purifier_class(directory) is NIMPurifier:
         return NIMSmoothing(NoisyImageModel.from_pretrained(directory)[0], sigma, differentiable)
     unet = load_unet(directory / "unet").eval()
-    return DiffusionSmoothing(unet, DDPMScheduler.from_pretrained(directory / "scheduler"), sigma, differentiable)
+    smoothing = DiffusionSmoothing(unet, DDPMScheduler.from_pretrained(directory / "scheduler"), sigma, differentiable)
+    check_trained_timestep(directory, smoothing.timestep, f"Denoised smoothing at sigma {sigma:g}")
+    return smoothing
 
 
 def smoothing_module(denoiser: Denoiser, sigma: float, purifier_dir: str | Path | None = None) -> SmoothingNoise:
