@@ -96,8 +96,8 @@ def _read_stage_file(runs: Path, stage: str, name: str, parse: Callable[[str], o
     path = runs / stage / name
     if not path.is_file():
         config = STAGE_CONFIGS[stage]
-        raise FileNotFoundError(f"{path} is missing: run the {config} stage, `python train.py --config configs/{config}.yaml --run_dir "
-                                f"{runs / stage}` (from the repository root with {runs} = runs: `STAGES={config} bash run_chain.sh`).")
+        raise FileNotFoundError(f"{path} is missing: run the {config} stage first, `python train.py --config configs/{config}.yaml --run_dir "
+                                f"{runs / stage}` (for runs/: `STAGES={config} bash run_chain.sh`).")
     return parse(path.read_text())
 
 
