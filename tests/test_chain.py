@@ -179,3 +179,22 @@ def test_the_student_stage_finds_teacher_and_purifier_and_reports_the_defended_t
     assert set(costs) == {"student", "teacher", f"teacher+purifier/{defense.split('/')[1]}"}
     defended = costs[f"teacher+purifier/{defense.split('/')[1]}"]
     assert defended["parameters"] > costs["teacher"]["parameters"] > costs["student"]["parameters"]
+
+
+def test_the_chain_summary_reads_every_deployable_model_from_the_stage_reports(chain):
+    from summarize import main as summarize
+
+    runs = chain["runs"]
+    summary = summarize([str(runs)])
+    models = {model["name"]: model for model in summary["models"]}
+    assert list(models) == ["teacher", "teacher + purifier", "fine-tuned teacher + purifier", "student"]
+    defended = models["teacher + purifier"]
+    assert defended["whitebox"]["report"] == "purify_finetune"  # the student's report attacks it gray-box only
+    assert {attack["attack"] for attack in defended["whitebox"]["attacks"]} == {"pgd10_graybox", "pgd10_whitebox_eot2"}
+    assert models["teacher"]["graybox"] is None and models["student"]["graybox"] is None
+    assert all(model["cost"] is not None and model["clean"]["n"] > 0 for model in models.values())
+    assert models["fine-tuned teacher + purifier"]["cost"] == models["teacher + purifier"]["cost"]
+    assert summary["chain"]["max_epochs"] == {"teacher": 4, "purifier": 2, "purify_finetune": 1, "student": 1}
+    recommended = summary["recommendation"]["model"]
+    assert recommended in models or (recommended is None and summary["recommendation"]["reason"].startswith("No model meets the rule"))
+    assert (runs / "SUMMARY.md").read_text().startswith("# Chain summary")
