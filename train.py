@@ -40,7 +40,7 @@ CONFIG_FOLDER = Path(__file__).resolve().parent / "configs"  # where `--config N
 RUN_DIR_ENV = "ROBUST_CXR_RUN_DIR"  # the resolved run directory, inherited by DDP worker processes
 # The loggers of every config that sets no `trainer.logger` of its own (one that does replaces them; `--trainer.logger false`
 # turns them off). Both write to the run directory (their save_dir is replaced by it): metrics.csv, kept across resumes, and
-# the run's W&B run, offline unless WANDB_MODE=online (README, "W&B").
+# the run's W&B run, offline unless WANDB_MODE=online (docs/operations/wandb-and-sweeps.md).
 DEFAULT_LOGGERS = [
     {"class_path": "loggers.ResumableCSVLogger", "init_args": {"save_dir": "runs/default", "name": "", "version": ""}},
     {"class_path": "lightning.pytorch.loggers.WandbLogger",
