@@ -151,18 +151,13 @@ class PurifyThenFinetune(FinetunedBehindPurifier, ImageClassifierModule):
         warmup_epochs: float = 0.5,
         **classifier: Any,
     ):
+        # a checkpoint older than `purifier_settings` passes its diffusion settings and training range as arguments of their own
+        purifier_settings = purifier_settings or {name: classifier.pop(name) for name in LEGACY_DIFFUSION_SETTINGS if name in classifier} or None
+        train_strength_range = classifier.pop("train_t_star_range", train_strength_range)
         super().__init__(num_classes, lr=lr, warmup_epochs=warmup_epochs, **classifier)
         teacher = self.load_upstream(teacher_ckpt, TEACHER_COMMAND, ImageClassifierModule, "classifier")
         self.start_behind_purifier(teacher)
         self.operating_point.offset.copy_(teacher.operating_point.offset)  # starts at the teacher's; target_sensitivity re-chooses it
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("hyper_parameters", {})
-        legacy = {name: saved[name] for name in LEGACY_DIFFUSION_SETTINGS if name in saved}
-        if legacy:  # Lightning drops the old arguments: deploy the diffusion purifier as that checkpoint was tested
-            self.hparams.purifier_settings = legacy
-            self.register_purifier(legacy)
 
 
 class PurifyThenFinetuneRestorer(FinetunedBehindPurifier, Restorer):

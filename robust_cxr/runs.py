@@ -64,11 +64,15 @@ def check_fits(hyperparameters: dict, checkpoint: str | Path, class_names: list[
                     image_size=image_size)
     stored = {name: hyperparameters.get(name) for name in expected}
     stored["class_names"] = None if stored["class_names"] is None else list(stored["class_names"])
-    differences = [f"{name}: {stored[name]!r} in the checkpoint, {value!r} here" for name, value in expected.items()
-                   if value is not None and stored[name] is not None and stored[name] != value]
-    if differences:
-        raise ValueError(f"{checkpoint} was trained on other data (" + "; ".join(differences) + "): use a checkpoint trained on this data, "
-                         "or set --data.channels, --data.image_size and the data's classes to the checkpoint's.")
+    differing = [name for name, value in expected.items() if value is not None and stored[name] is not None and stored[name] != value]
+    if differing:
+        found = "; ".join(f"{name}: {stored[name]!r} in the checkpoint, {expected[name]!r} here" for name in differing)
+        fixes = {"in_chans": f"--data.channels {stored['in_chans']}", "image_size": f"--data.image_size {stored['image_size']}",
+                 "class_names": f"data of the classes {stored['class_names']}", "num_classes": f"data of {stored['num_classes']} classes"}
+        if "class_names" in differing and "num_classes" in differing:
+            differing.remove("num_classes")
+        raise ValueError(f"{checkpoint} was trained on other data ({found}): use a checkpoint trained on this data, or run with "
+                         + " and ".join(fixes[name] for name in differing) + ".")
 
 
 def check_data_fits(stage: StageModule, data: ChestXRayDataModule, checkpoint: Path) -> None:

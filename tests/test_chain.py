@@ -158,7 +158,7 @@ def test_purify_finetune_names_the_missing_teacher_checkpoint(chain, tmp_path):
 
 
 def test_purify_finetune_rejects_a_teacher_of_other_classes(chain):
-    with pytest.raises(ValueError, match="trained on classes"):
+    with pytest.raises(ValueError, match="num_classes: 2 in the checkpoint, 3 here"):
         PurifyThenFinetune(
             num_classes=3, teacher_ckpt=str(chain["runs"] / "teacher" / "checkpoints" / "best.ckpt"),
             purifier_dir=str(chain["runs"] / "purifier" / "export"),

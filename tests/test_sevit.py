@@ -143,7 +143,7 @@ def test_clear_errors_for_a_teacher_that_is_no_vit_and_for_training_attacks(runs
     trainer.save_checkpoint(tmp_path / "cnn.ckpt")
     with pytest.raises(ValueError, match="classifier is a ResNet, not a timm VisionTransformer.*ViT teacher"):
         SelfEnsembleViT(num_classes=2, teacher_ckpt=str(tmp_path / "cnn.ckpt"), image_size=SIZE)
-    with pytest.raises(ValueError, match="--data.channels and --data.image_size"):
+    with pytest.raises(ValueError, match=f"image_size: {SIZE} in the checkpoint, 32 here.*--data.image_size {SIZE}"):
         SelfEnsembleViT(num_classes=2, teacher_ckpt=str(runs.teacher), image_size=32)
     with pytest.raises(FileNotFoundError, match="configs/teacher.yaml"):
         SelfEnsembleViT(num_classes=2, teacher_ckpt=str(tmp_path / "missing.ckpt"), image_size=SIZE)

@@ -142,9 +142,9 @@ def test_a_missing_teacher_checkpoint_names_the_command(tmp_path):
 def test_a_teacher_of_other_classes_or_input_is_a_clear_error(teacher_ckpt):
     with pytest.raises(ValueError, match=r"\['normal', 'tuberculosis'\].*\['normal', 'pneumonia'\].*trained on this data"):
         _student(teacher_ckpt, class_names=["normal", "pneumonia"])
-    with pytest.raises(ValueError, match=r"\(2\).*\(3\)"):
+    with pytest.raises(ValueError, match="num_classes: 2 in the checkpoint, 3 here"):
         _student(teacher_ckpt, num_classes=3, class_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match="1-channel 32 px.*3-channel 64 px.*--data.channels"):
+    with pytest.raises(ValueError, match="run with --data.channels 1 and --data.image_size 32"):
         _student(teacher_ckpt, in_chans=3, image_size=64)
 
 
