@@ -25,12 +25,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.evaluation_journal import SETTINGS_FILE, BatchJournal, EvaluationProgress, check_or_write_settings, merge_metric_states, metric_states
 from robust_cxr.attacks import AttackSpec
-from robust_cxr.evaluation import WORST_CASE, SuiteEvaluation, chosen_subjects, subset
+from robust_cxr.evaluation import BATCH_SEED_STRIDE, WORST_CASE, SuiteEvaluation, chosen_subjects, subset
 from robust_cxr.reports import report_table, robustness_rows, save_example_grid, write_robustness_report
 
 # Evaluation seeds: callback seed + rank * 10**9 + batch * 1000 + attack slot, apart for < 1000 attacks and < 10**6 batches.
 _RANK_SEED_STRIDE = 10**9
-_BATCH_SEED_STRIDE = 1000
 
 
 class RobustEvaluation(Callback):
@@ -140,7 +139,7 @@ class RobustEvaluation(Callback):
             if self._journal is not None:  # this batch's share on counters of its own, saved, then added to the totals
                 evaluation.counts, evaluation.detections = evaluation.new_counters()
             selected = selected.to(batch["image"].device)
-            seed = self.seed + _RANK_SEED_STRIDE * trainer.global_rank + _BATCH_SEED_STRIDE * batch_idx
+            seed = self.seed + _RANK_SEED_STRIDE * trainer.global_rank + BATCH_SEED_STRIDE * batch_idx
             evaluation.evaluate(batch["image"][selected], pl_module.task.targets(batch)[selected], None if keys is None else keys[selected],
                                 seed, capture_grid, self.grid_images)
             if self._journal is not None:

@@ -152,7 +152,8 @@ class PurifyThenFinetune(FinetunedBehindPurifier, ImageClassifierModule):
         **classifier: Any,
     ):
         # a checkpoint older than `purifier_settings` passes its diffusion settings and training range as arguments of their own
-        purifier_settings = purifier_settings or {name: classifier.pop(name) for name in LEGACY_DIFFUSION_SETTINGS if name in classifier} or None
+        legacy = {name: classifier.pop(name) for name in LEGACY_DIFFUSION_SETTINGS if name in classifier}
+        purifier_settings = purifier_settings or legacy or None
         train_strength_range = classifier.pop("train_t_star_range", train_strength_range)
         super().__init__(num_classes, lr=lr, warmup_epochs=warmup_epochs, **classifier)
         teacher = self.load_upstream(teacher_ckpt, TEACHER_COMMAND, ImageClassifierModule, "classifier")

@@ -24,6 +24,7 @@ from robust_cxr.tasks import Task
 from robust_cxr.threat import DefendedModel
 
 WORST_CASE = "worst_case"  # the attack name of the worst-case rows
+BATCH_SEED_STRIDE = 1000  # batch i of an evaluation is seeded with seed + BATCH_SEED_STRIDE * i, its attacks above that
 Observer = Callable[[DefendedModel, AttackSpec, torch.Tensor], None]  # (subject, attack, attacked images (n, C, H, W)) of every attack run
 
 

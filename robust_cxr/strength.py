@@ -17,14 +17,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from robust_cxr.attacks import AttackSpec
-from robust_cxr.evaluation import Observer, SuiteEvaluation, seeded_global_rng
+from robust_cxr.evaluation import BATCH_SEED_STRIDE, Observer, SuiteEvaluation, seeded_global_rng
 from robust_cxr.purification import PurifiedClassifier, load_purifier, resolve_purifier_settings
 from robust_cxr.tasks import ClassificationTask
 from robust_cxr.threat import DefendedModel
 
 SelectionMetric = Literal["acc", "balanced_acc"]
 Criterion = Literal["clean_drop", "fid"]
-BATCH_SEED_STRIDE = 1000  # batch i of an evaluation is seeded with seed + BATCH_SEED_STRIDE * i, its attacks above that
 
 
 def stratified_images(dataset: Dataset, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

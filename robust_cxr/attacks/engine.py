@@ -50,9 +50,8 @@ class Expectation:
         `targets` defaults to all of `targets` (pass a subset's for a subset of images)."""
         targets = self.targets if targets is None else targets
         outputs = self.source(repeat_draws(images, self.draws))
-        averaged = mean_over_draws(outputs, self.draws)
         if self.average == "logits" or self.draws == 1:
-            loss = self.loss(averaged, targets)
+            loss = self.loss(mean_over_draws(outputs, self.draws), targets)
         else:
             loss = self.loss(outputs, repeat_draws(targets, self.draws)).unflatten(0, (self.draws, -1)).mean(dim=0)
         with torch.no_grad():

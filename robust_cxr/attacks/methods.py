@@ -49,7 +49,7 @@ class AttackRun:
         """A keyed random start in the eps-ball when `random` and the spec asks for one, else the images."""
         if not (random and self.spec.random_start):
             return self.images
-        return random_start(self.images, self.spec.eps, METHODS[self.spec.method].norm, self.keys, self.seed)
+        return random_start(self.images, self.spec.eps, self.spec.norm, self.keys, self.seed)
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,7 @@ class MethodEntry:
 def _ascent(step_rule: Callable[["AttackSpec"], Callable], random: bool, steps: Callable[["AttackSpec"], int] = lambda spec: spec.steps):
     def run(attack: AttackRun) -> torch.Tensor:
         spec, loss = attack.spec, attack.loss or cross_entropy
-        norm = METHODS[spec.method].norm
-        return gradient_ascent(attack.expectation(loss), attack.images, attack.start(random), steps(spec), step_rule(spec), spec.eps, norm,
+        return gradient_ascent(attack.expectation(loss), attack.images, attack.start(random), steps(spec), step_rule(spec), spec.eps, spec.norm,
                                getattr(loss, "weights", None))
     return run
 
