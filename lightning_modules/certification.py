@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from callbacks.evaluation_journal import BatchJournal, EvaluationProgress
-from robust_cxr.certification import CERTIFIED_RADII, Certificates, CertificationSettings, certify_images, write_certification
+from robust_cxr.certification import CERTIFIED_RADII, Certificates, CertificationSettings, RadiusCheck, certify_images, check_radii, write_certification
+from robust_cxr.smoothing import SmoothingNoise
 
 
 class SmoothingCertifier(L.LightningModule):
@@ -27,6 +28,7 @@ class SmoothingCertifier(L.LightningModule):
         classifier: [0, 1] images (B, C, H, W) -> logits (B, K) at its operating point (argmax decides).
         smoothing: the noise and any denoiser in front of it (`robust_cxr.smoothing`), called as ``smoothing(images, noise)``.
         settings: sigma, n0, n, alpha, seed and draws per forward pass.
+        check: the attack on the certified images that tries to contradict their radii (`RadiusCheck`; none by default).
         class_names: the K classes in label order.
         subject: the report's name of what is certified, e.g. ``teacher+diffusion_smoothing@s0.25``.
         output_dir: where rank 0 writes the results.
@@ -35,15 +37,16 @@ class SmoothingCertifier(L.LightningModule):
         radii: the L2 radii of the report's rows.
     """
 
-    def __init__(self, classifier: nn.Module, smoothing: nn.Module, settings: CertificationSettings, class_names: list[str], subject: str,
+    def __init__(self, classifier: nn.Module, smoothing: SmoothingNoise, settings: CertificationSettings, class_names: list[str], subject: str,
                  output_dir: str | Path, journal_dir: str | Path, max_images: int | None = None,
-                 radii: tuple[float, ...] = CERTIFIED_RADII):
+                 radii: tuple[float, ...] = CERTIFIED_RADII, check: RadiusCheck = RadiusCheck()):
         super().__init__()
         if max_images is not None and max_images < 1:
             raise ValueError(f"max_images must be >= 1 or null (every test image), got {max_images}.")
         self.classifier = classifier.eval().requires_grad_(False)
         self.smoothing = smoothing.eval().requires_grad_(False)
         self.settings = settings
+        self.check = check
         self.class_names = list(class_names)
         self.subject = subject
         self.output_dir = Path(output_dir)
@@ -74,17 +77,20 @@ class SmoothingCertifier(L.LightningModule):
             rank_zero_info(self._progress.update(len(record["index"]), attacked=not resumed))
 
     def _certify(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`certify_images` on the batch's images of index < `max_images`, with their ``index``, ``label`` and the
-        ``seconds`` it took, on the CPU."""
+        """`certify_images` and `check_radii` on the batch's images of index < `max_images`, with their ``index``,
+        ``label`` and the ``seconds`` the certification took (the check's attack not counted), on the CPU."""
         started = time.monotonic()
         keys = batch["index"]
         chosen = keys < self.max_images if self.max_images is not None else torch.ones_like(keys, dtype=torch.bool)
-        results = certify_images(self.classifier, self.smoothing, batch["image"][chosen], keys[chosen], self.settings, len(self.class_names))
-        return dict(results, index=keys[chosen].cpu(), label=batch["label"][chosen].cpu(),
-                    seconds=torch.tensor(time.monotonic() - started, dtype=torch.float64))
+        images, keys = batch["image"][chosen], keys[chosen]
+        results = certify_images(self.classifier, self.smoothing, images, keys, self.settings, len(self.class_names))
+        seconds = torch.tensor(time.monotonic() - started, dtype=torch.float64)
+        results.update(check_radii(self.classifier, self.smoothing, images, keys, results, self.settings, self.check, len(self.class_names)))
+        return dict(results, index=keys.cpu(), label=batch["label"][chosen].cpu(), seconds=seconds)
 
     def on_test_epoch_end(self) -> None:
         results = self.certificates.compute()  # a collective: every rank takes part
         if self.trainer.is_global_zero:
-            report = write_certification(results, self.output_dir, self.subject, self.settings, self.class_names, self.radii, self._pixels)
+            report = write_certification(results, self.output_dir, self.subject, self.settings, self.class_names, self.radii, self._pixels,
+                                         self.check)
             rank_zero_info(f"Certification report: {report}")

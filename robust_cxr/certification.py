@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,11 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from robust_cxr.attacks.common import attacking, cross_entropy
+from robust_cxr.attacks.engine import Expectation, gradient_ascent, l2_step
 from robust_cxr.keyed_noise import keyed_normal
 from robust_cxr.metrics import recall_names
+from robust_cxr.smoothing import SmoothingNoise
 
 ABSTAIN = -1  # the prediction of an image CERTIFY or PREDICT abstains on
 CERTIFIED_RADII = (0.0, 0.25, 0.5, 1.0, 2.0)  # L2 radii of the report's rows, in [0, 1] pixel units
@@ -127,12 +130,88 @@ def certify_images(classifier: nn.Module, smoothing: nn.Module, images: torch.Te
                 predict=predict(estimation, settings.alpha))
 
 
+@dataclass(frozen=True)
+class RadiusCheck:
+    """The attack that tries to contradict the certificates: per certified image, PGD-L2 with EOT of the loss on the
+    smoothed classifier's base classifier behind its noise (and denoiser), away from the certified class, within `factor`
+    times the certified radius; then PREDICT at the attacked image on the image's estimation draws.
+
+    Args:
+        images: attack the certified images of index < `images` (the class-stratified first ones; 0: none).
+        steps: PGD-L2 steps, of 2.5 x budget / steps each, from the image itself.
+        eot_samples: noise draws per step, >= 2 (the smoothed classifier is random).
+        factor: the budget as a share of each image's radius, > 0: below 1 no answer may change (0.9 is the check);
+            above 1 probes how tight the radius is.
+    """
+
+    images: int = 0
+    steps: int = 20
+    eot_samples: int = 8
+    factor: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.images < 0 or self.steps < 1 or self.eot_samples < 2 or not self.factor > 0:
+            raise ValueError(f"The radius check needs images >= 0, steps >= 1, eot_samples >= 2 (the smoothed classifier is random) "
+                             f"and factor > 0 (0.9: attack at 0.9 x each radius), got {self}.")
+
+
+def check_radii(classifier: nn.Module, smoothing: SmoothingNoise, images: torch.Tensor, keys: torch.Tensor, results: dict[str, torch.Tensor],
+                settings: CertificationSettings, check: RadiusCheck, num_classes: int) -> dict[str, torch.Tensor]:
+    """`check`'s attack on the certified images among images (B, C, H, W) in [0, 1] of indices `keys` (B,), whose
+    `certify_images` `results` are given. Returns CPU tensors: ``check_eps`` (B,) each attack's L2 budget (0: not
+    attacked), ``check_counts`` (B, K) the estimation counts at the attacked image (draws n0..n0+n-1 of the image's key;
+    zeros where not attacked) and ``check_predict`` (B,) PREDICT there (`ABSTAIN` where not attacked).
+
+    The attack's noise is keyed like the certificates' (draw indices from n0 + n on), so the check, too, does not depend on
+    the batch or the number of processes; the counts after it use the certificates' estimation draws."""
+    attacked = (results["prediction"] != ABSTAIN) & (keys.cpu() < check.images)
+    eps = torch.where(attacked, check.factor * results["radius"].float(), 0.0)
+    counts = torch.zeros(len(images), num_classes, dtype=torch.int64)
+    predicted = torch.full((len(images),), ABSTAIN, dtype=torch.int64)
+    if attacked.any():
+        chosen = attacked.to(images.device)
+        certified = results["prediction"][attacked].to(images.device)
+        first_draw = settings.n0 + settings.n
+        source = nn.Sequential(_KeyedDraws(smoothing.at_strength(smoothing.sigma, differentiable=True), keys[chosen], first_draw, settings.seed),
+                               classifier)
+        budget = eps[attacked].to(images)
+        with attacking(source):
+            clean = images[chosen].clone()  # a normal tensor also under inference mode, so that autograd can save it
+            expectation = Expectation(source, cross_entropy, certified, check.eot_samples, score=lambda logits: (logits.argmax(dim=1) == certified).double())
+            adversarial = gradient_ascent(expectation, clean, clean, check.steps, l2_step(2.5 * budget / check.steps), budget, "l2")
+        estimation = range(settings.n0, settings.n0 + settings.n)
+        with torch.no_grad():
+            counts[attacked] = torch.stack([vote_counts(classifier, smoothing, image, key, estimation, settings, num_classes).cpu()
+                                            for image, key in zip(adversarial, keys[chosen].tolist())])
+        predicted[attacked] = predict(counts[attacked], settings.alpha)
+    return dict(check_eps=eps.double(), check_counts=counts, check_predict=predicted)
+
+
+class _KeyedDraws(nn.Module):
+    """`smoothing` on draw-major batches (D * B, C, H, W) of the B images of `keys` (B,), with keyed noise: the d-th draw
+    of the k-th call is draw ``first_draw + k * D + d`` of each image's key."""
+
+    stochastic = True
+
+    def __init__(self, smoothing: SmoothingNoise, keys: torch.Tensor, first_draw: int, seed: int):
+        super().__init__()
+        self.smoothing, self.keys, self.next_draw, self.seed = smoothing, keys, first_draw, seed
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        draws = len(images) // len(self.keys)
+        indices = torch.arange(self.next_draw, self.next_draw + draws, device=self.keys.device).repeat_interleave(len(self.keys))
+        self.next_draw += draws
+        noise = keyed_normal(tuple(images.shape[1:]), self.keys.repeat(draws), indices, self.seed)
+        return self.smoothing(images, noise.to(images))
+
+
 class Certificates(Metric):
-    """The per-image results of a certification (`certify_images` plus each image's ``index`` and ``label``), gathered over
-    DDP ranks, and the ``seconds`` spent on them, summed."""
+    """The per-image results of a certification (`certify_images`, `check_radii`, each image's ``index`` and ``label``),
+    gathered over DDP ranks, and the ``seconds`` spent on them, summed."""
 
     full_state_update = False
-    fields = ("index", "label", "prediction", "predict", "radius", "p_lower", "selection_counts", "counts")
+    fields = ("index", "label", "prediction", "predict", "radius", "p_lower", "selection_counts", "counts", "check_eps", "check_counts",
+              "check_predict")
 
     def __init__(self) -> None:
         super().__init__()
@@ -155,10 +234,11 @@ class Certificates(Metric):
 
 
 def certification_report(results: dict[str, np.ndarray], subject: str, settings: CertificationSettings, class_names: list[str],
-                         radii: list[float], pixels: int) -> dict:
+                         radii: list[float], pixels: int, check: RadiusCheck) -> dict:
     """The report of `results` (`Certificates.compute`) on images of `pixels` values (C * H * W): certified accuracy and
     per-class certified recall (binary: ``certified_specificity``, ``certified_sensitivity``) at each of `radii`, with the
-    side of the L-inf ball each L2 radius contains (r / sqrt(pixels)); abstention rates; PREDICT's accuracy; the cost."""
+    side of the L-inf ball each L2 radius contains (r / sqrt(pixels)); abstention rates; PREDICT's accuracy; the cost;
+    the radius check's outcome (`radius_check`)."""
     images = len(results["index"])
     rows = [dict(radius=radius, linf_radius=radius / math.sqrt(pixels), **_certified_at(results, radius, class_names)) for radius in radii]
     return dict(
@@ -166,8 +246,23 @@ def certification_report(results: dict[str, np.ndarray], subject: str, settings:
         class_names=list(class_names), abstention_rate=_share(results["prediction"] == ABSTAIN),
         predict_abstention_rate=_share(results["predict"] == ABSTAIN), predict_accuracy=_share(results["predict"] == results["label"]),
         largest_certifiable_radius=settings.largest_radius, forward_passes_per_image=settings.n0 + settings.n,
-        seconds_per_image=float(results["seconds"]) / images if images else None, certified=rows,
+        seconds_per_image=float(results["seconds"]) / images if images else None, radius_check=_radius_check(results, settings, check),
+        certified=rows,
     )
+
+
+def _radius_check(results: dict[str, np.ndarray], settings: CertificationSettings, check: RadiusCheck) -> dict:
+    """What `check_radii` found: the images attacked, ``contradicted`` (PREDICT answered another class than the certified
+    one: must be 0 below factor 1), ``majority_changed`` (another class got the most estimation draws), ``abstained``
+    (PREDICT abstained), and the mean share of estimation draws on the certified class before and after the attack."""
+    attacked = results["check_eps"] > 0
+    certified = results["prediction"][attacked]
+    after = results["check_predict"][attacked]
+    share = lambda counts: float(np.take_along_axis(counts, certified[:, None], axis=1).mean() / settings.n) if attacked.any() else None  # noqa: E731
+    return dict(asdict(check), method="pgd_l2, EOT of the loss", images_attacked=int(attacked.sum()),
+                contradicted=int(((after != ABSTAIN) & (after != certified)).sum()),
+                majority_changed=int((results["check_counts"][attacked].argmax(axis=1) != certified).sum()), abstained=int((after == ABSTAIN).sum()),
+                certified_share_before=share(results["counts"][attacked]), certified_share_after=share(results["check_counts"][attacked]))
 
 
 def certified_accuracy_curve(results: dict[str, np.ndarray], subject: str, settings: CertificationSettings, class_names: list[str],
@@ -180,22 +275,25 @@ def certified_accuracy_curve(results: dict[str, np.ndarray], subject: str, setti
 
 
 def write_certification(results: dict[str, np.ndarray], directory: str | Path, subject: str, settings: CertificationSettings,
-                        class_names: list[str], radii: list[float], pixels: int) -> Path:
+                        class_names: list[str], radii: list[float], pixels: int, check: RadiusCheck) -> Path:
     """Writes `certificates.json` (per image: index, label, prediction (null: abstained), radius (0 when abstaining),
-    p_lower, counts, selection_counts, predict), `certification_report.{json,md}` (`certification_report`) and
+    p_lower, counts, selection_counts, predict, and the radius check's eps (0: not attacked), counts and PREDICT answer
+    after the attack), `certification_report.{json,md}` (`certification_report`) and
     `certified_accuracy.{json,png}` (`certified_accuracy_curve`, to the largest radius `settings.n` draws can certify, or
     the largest of `radii` when they certify none) to `directory`; returns the report's JSON path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    answer = lambda value: None if value == ABSTAIN else value  # noqa: E731
     images = [
-        dict(index=index, label=label, prediction=None if prediction == ABSTAIN else prediction, radius=radius, p_lower=p_lower,
-             counts=counts, selection_counts=selection, predict=None if predicted == ABSTAIN else predicted)
-        for index, label, prediction, radius, p_lower, counts, selection, predicted in zip(
-            *(results[name].tolist() for name in ("index", "label", "prediction", "radius", "p_lower", "counts", "selection_counts", "predict")))
+        dict(index=index, label=label, prediction=answer(prediction), radius=radius, p_lower=p_lower, counts=counts, selection_counts=selection,
+             predict=answer(predicted), check_eps=check_eps, check_counts=check_counts, check_predict=answer(check_predict))
+        for index, label, prediction, radius, p_lower, counts, selection, predicted, check_eps, check_counts, check_predict in zip(
+            *(results[name].tolist() for name in ("index", "label", "prediction", "radius", "p_lower", "counts", "selection_counts", "predict",
+                                                  "check_eps", "check_counts", "check_predict")))
     ]
     header = json.dumps(dict(subject=subject, class_names=list(class_names)))[:-1]
     (directory / "certificates.json").write_text(header + ', "images": [\n' + ",\n".join(json.dumps(image) for image in images) + "\n]}\n")  # an image a line
-    report = certification_report(results, subject, settings, class_names, radii, pixels)
+    report = certification_report(results, subject, settings, class_names, radii, pixels, check)
     report_path = directory / "certification_report.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     (directory / "certification_report.md").write_text(_markdown(report))
@@ -242,6 +340,8 @@ def _markdown(report: dict) -> str:
 def _cell(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_cell(item)}" for key, item in value.items())
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

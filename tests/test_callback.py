@@ -268,7 +268,7 @@ def test_subjects_are_scored_on_the_same_purification_noise_with_the_grid_on(tmp
     runs = []
     for _ in range(2):
         trainer = _trainer(tmp_path, [AdversarialExampleCallback(attacks=attacks)])
-        metrics = trainer.test(model, datamodule=_datamodule(synthetic_samples=800), verbose=False)[0]
+        metrics = trainer.test(model, datamodule=_datamodule(synthetic_samples=400), verbose=False)[0]
         rows = {(row["model"], row["attack"]): row for row in json.loads((tmp_path / "robustness_report.json").read_text())}
         for attack in ("none", "pgd2", "fgsm", "bim2"):
             assert {**rows[("first", attack)], "model": None} == {**rows[("second", attack)], "model": None}, attack
@@ -283,7 +283,7 @@ def test_robust_accuracy_never_exceeds_clean_accuracy_on_a_random_defense(tmp_pa
     _noisy_purified_subjects(model, ("noisy",))
     attacks = [AttackSpec(method="pgd", eps=EPS, steps=2, threat_model=threat, name=threat, eot_samples=2) for threat in ("graybox", "whitebox")]
     trainer = _trainer(tmp_path, [AdversarialExampleCallback(attacks=attacks)])
-    trainer.test(model, datamodule=_datamodule(synthetic_samples=800), verbose=False)
+    trainer.test(model, datamodule=_datamodule(synthetic_samples=400), verbose=False)
     rows = json.loads((tmp_path / "robustness_report.json").read_text())
     for row in rows:
         assert row["accuracy"] <= row["clean_accuracy"], row

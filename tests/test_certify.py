@@ -24,7 +24,7 @@ import lightning_modules.certification
 from callbacks.evaluation_journal import BatchJournal
 from conftest import CONFIGS, REPO, TINY_UNET, TINY_VIT
 from lightning_modules import PurifyThenFinetune, TeacherClassifier
-from robust_cxr.certification import ABSTAIN, Certificates, CertificationSettings, certify_images, clopper_pearson_lower
+from robust_cxr.certification import ABSTAIN, Certificates, CertificationSettings, RadiusCheck, certify_images, check_radii, clopper_pearson_lower
 from robust_cxr.keyed_noise import keyed_normal
 from robust_cxr.nim import NIMPurifier, NoisyImageModel
 from robust_cxr.purification import load_purifier, write_default_settings
@@ -76,6 +76,29 @@ def test_certify_on_a_linear_classifier_stays_below_its_exact_radius_and_comes_c
     assert torch.allclose(frequency.double(), expected, atol=0.005)  # the keyed noise is Gaussian of std sigma
 
 
+def test_an_l2_attack_within_0_9_radius_changes_no_answer_and_beyond_the_radius_it_does():
+    """The radius check on the linear classifier: PGD-L2 with EOT at 0.9 x each certified radius walks toward the
+    hyperplane (p_A falls from Phi(d / sigma) to about Phi(0.1 d / sigma)) and PREDICT keeps every certified answer; at
+    1.5 x the radius, past the exact one, the same attack flips every answer."""
+    classifier = LinearClassifier()
+    distances = torch.tensor([0.25, 0.5, -0.375])
+    images = 0.5 + distances[:, None, None, None] * classifier.weight
+    settings = CertificationSettings(sigma=0.25, n0=100, n=20_000, alpha=0.001, draws_per_batch=20_000)
+    smoothing, keys = GaussianSmoothing(settings.sigma), torch.arange(3)
+    results = certify_images(classifier, smoothing, images, keys, settings, num_classes=2)
+    certified = results["prediction"]
+    assert torch.equal(certified, (distances > 0).long())
+    within = check_radii(classifier, smoothing, images, keys, results, settings, RadiusCheck(images=3, steps=10, eot_samples=8), 2)
+    beyond = check_radii(classifier, smoothing, images, keys, results, settings, RadiusCheck(3, 10, 8, factor=1.5), 2)
+    assert torch.allclose(within["check_eps"], 0.9 * results["radius"]) and torch.allclose(beyond["check_eps"], 1.5 * results["radius"])
+    assert torch.equal(within["check_predict"], certified) and torch.equal(beyond["check_predict"], 1 - certified)
+    share = {name: counts.gather(1, certified[:, None])[:, 0] / settings.n
+             for name, counts in (("certified", results["counts"]), ("within", within["check_counts"]), ("beyond", beyond["check_counts"]))}
+    assert (share["within"] < share["certified"] - 0.25).all() and (share["within"] > 0.5).all() and (share["beyond"] < 0.4).all(), share
+    not_checked = check_radii(classifier, smoothing, images, keys, results, settings, RadiusCheck(images=1), 2)
+    assert not_checked["check_eps"].tolist()[1:] == [0, 0] and not_checked["check_predict"].tolist()[1:] == [ABSTAIN, ABSTAIN]
+
+
 def test_the_lower_bound_is_scipys_exact_clopper_pearson_interval():
     for successes, trials in ((0, 50), (1, 50), (37, 50), (50, 50), (9_871, 10_000)):
         interval = binomtest(successes, trials).proportion_ci(confidence_level=1 - 2 * 0.001, method="exact")
@@ -97,7 +120,9 @@ def test_a_tie_between_the_top_two_classes_abstains():
 def test_the_results_of_a_single_image_stay_per_image_arrays():
     """torchmetrics squeezes single-element tensors out of `compute`: a certification of one image must not lose its axis."""
     settings = CertificationSettings(sigma=0.25, n0=10, n=100)
-    results = certify_images(LinearClassifier(), GaussianSmoothing(0.25), torch.full((1, *SHAPE), 0.6), torch.tensor([3]), settings, 2)
+    image, key = torch.full((1, *SHAPE), 0.6), torch.tensor([3])
+    results = certify_images(LinearClassifier(), GaussianSmoothing(0.25), image, key, settings, 2)
+    results.update(check_radii(LinearClassifier(), GaussianSmoothing(0.25), image, key, results, settings, RadiusCheck(), 2))
     certificates = Certificates()
     certificates.update(dict(results, index=torch.tensor([3]), label=torch.tensor([1]), seconds=torch.tensor(0.5)))
     gathered = certificates.compute()
@@ -249,7 +274,8 @@ def test_the_configs_train_the_two_base_classifiers(capsys):
     assert gaussian["model"]["init_args"]["train_noise_sigma"] == 0.25 and gaussian["run_dir"] == "runs/teacher_gaussian"
 
 
-CERTIFY_SETTINGS = ("--sigma", "0.25", "--n", "48", "--n0", "8", "--max_images", "12", "--data.batch_size", "4", "--draws_per_batch", "32")
+CERTIFY_SETTINGS = ("--sigma", "0.25", "--n", "48", "--n0", "8", "--max_images", "12", "--data.batch_size", "4", "--draws_per_batch", "32",
+                    "--check_images", "8", "--check_steps", "2", "--check_eot", "2")
 
 
 def _certify(exports: dict[str, Path], output: Path, *overrides: str) -> dict:
@@ -286,6 +312,12 @@ def test_certify_writes_certificates_a_report_and_a_curve(uninterrupted):
     curve = json.loads((uninterrupted / "certified_accuracy.json").read_text())
     assert curve["radius"][0] == 0 and curve["certified_accuracy"][0] == accuracies[0] and len(curve["radius"]) == 101
     assert (uninterrupted / "certified_accuracy.png").stat().st_size > 0 and (uninterrupted / "certification_report.md").is_file()
+    checked = [image for image in images if image["check_eps"] > 0]
+    assert [image["index"] for image in checked] == [image["index"] for image in images if image["index"] < 8 and image["prediction"] is not None]
+    assert all(image["check_eps"] == pytest.approx(0.9 * image["radius"]) and sum(image["check_counts"]) == 48 for image in checked)
+    check = report["radius_check"]
+    assert (check["images_attacked"], check["steps"], check["eot_samples"], check["factor"]) == (len(checked), 2, 2, 0.9)
+    assert check["contradicted"] == sum(image["check_predict"] not in (None, image["prediction"]) for image in checked) == 0
 
 
 class _Killed(Exception):
@@ -343,6 +375,7 @@ def test_bad_inputs_are_errors_that_say_what_to_do(exports, tmp_path):
         (("--sigma", "0"), "sigma must be > 0"), (("--sigma", "-0.1"), "sigma must be > 0"),
         (("--sigma", "0.25", "--n0", "0"), r"n0 \(selection draws\) must be >= 1"), (("--sigma", "0.25", "--n", "0"), r"n \(estimation draws\) must be >= 1"),
         (("--sigma", "0.25", "--alpha", "0"), r"alpha must lie in \(0, 1\)"), (("--sigma", "0.25", "--alpha", "1.5"), r"alpha must lie in \(0, 1\)"),
+        (("--sigma", "0.25", "--check_eot", "1"), r"eot_samples >= 2 \(the smoothed classifier is random\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             certify.main([*run, *overrides])

@@ -1,5 +1,5 @@
-"""The student config, and the test of a finished teacher run, under 2-process CPU DDP (gloo), from the command line,
-against 1-process runs."""
+"""The student config, and the test of a finished teacher run, under 2-process CPU DDP (gloo) from the command line,
+against 1-process runs in-process."""
 
 from __future__ import annotations
 
@@ -12,24 +12,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, shrink_config
+from conftest import CONFIGS, REPO, TEACHER_RUN_EPOCHS, run_train, shrink_config
 
 TRAIN_IMAGES, TEST_IMAGES = 420, 90  # the 70 % and 15 % splits of 600 phantoms
 
 
-def run_train_py(config: Path, run_dir: Path, *overrides: str) -> tuple[dict[str, float], list[dict]]:
-    """Runs `python train.py` on the CPU; returns the run's test metrics and report rows."""
-    command = [sys.executable, "train.py", "--config", str(config), "--run_dir", str(run_dir), "--trainer.accelerator", "cpu", *overrides]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+def run_train_py(config: Path, run_dir: Path, *overrides: str, processes: int = 2) -> tuple[dict[str, float], list[dict]]:
+    """Runs train.py on the CPU: `python train.py` under 2-process DDP, in-process for 1 process; returns the run's test
+    metrics and report rows."""
+    arguments = ["--config", str(config), "--run_dir", str(run_dir), "--trainer.accelerator", "cpu", *overrides]
+    if processes == 1:
+        run_train(config, run_dir, *arguments[4:])
+    else:
+        command = [sys.executable, "train.py", *arguments, "--trainer.devices", str(processes), "--trainer.strategy", "ddp"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((run_dir / "test_metrics.json").read_text()), json.loads((run_dir / "robustness_report.json").read_text())
 
 
-def train_student(run_dir: Path, teacher_checkpoint: str, *overrides: str) -> tuple[dict[str, float], list[dict]]:
-    """The tiny student config for one epoch."""
+def train_student(run_dir: Path, teacher_checkpoint: str, processes: int) -> tuple[dict[str, float], list[dict]]:
+    """The tiny student config for one epoch on `processes` processes."""
     config = shrink_config(CONFIGS / "distill.yaml", run_dir.parent, image_size=64, synthetic_samples=600)
     return run_train_py(config, run_dir, "--trainer.max_epochs", "1", "--model.init_args.teacher_ckpt", teacher_checkpoint,
-                        "--model.init_args.purifier_dir", "null", *overrides)
+                        "--model.init_args.purifier_dir", "null", processes=processes)
 
 
 def exact_fields(row: dict) -> dict:
@@ -41,9 +46,8 @@ def test_student_metrics_under_two_process_ddp_match_one_process(teacher_run, tm
     # The session's trained teacher: a tiny teacher trained here for the test sometimes predicted one class,
     # which no attack changes, and then the exact comparison of its rows below would test nothing.
     teacher_checkpoint = str(teacher_run / "checkpoints" / "best.ckpt")
-    single, single_report = train_student(tmp_path / "one_process", teacher_checkpoint)
-    distributed, distributed_report = train_student(tmp_path / "two_processes", teacher_checkpoint,
-                                                    "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    single, single_report = train_student(tmp_path / "one_process", teacher_checkpoint, processes=1)
+    distributed, distributed_report = train_student(tmp_path / "two_processes", teacher_checkpoint, processes=2)
 
     last = torch.load(tmp_path / "two_processes" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == (TRAIN_IMAGES // 2) // 32  # each of 2 ranks trained on its half
@@ -63,8 +67,7 @@ def test_a_finished_runs_report_under_two_process_ddp_matches_one_process(teache
     run_dir = tmp_path / "teacher_run"
     shutil.copytree(teacher_run, run_dir)
     (run_dir / "robustness_report.json").unlink()
-    _, distributed = run_train_py(teacher_run.parent / "tiny_teacher.yaml", run_dir, "--trainer.max_epochs", "10",
-                                  "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    _, distributed = run_train_py(teacher_run.parent / "tiny_teacher.yaml", run_dir, "--trainer.max_epochs", str(TEACHER_RUN_EPOCHS))
     single = json.loads((teacher_run / "robustness_report.json").read_text())
     assert [exact_fields(row) for row in single] == [exact_fields(row) for row in distributed]
     for row, distributed_row in zip(single, distributed):

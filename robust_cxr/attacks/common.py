@@ -133,11 +133,13 @@ def random_start(images: torch.Tensor, eps: float, norm: Norm, keys: torch.Tenso
     return (images + delta).clamp(0, 1)
 
 
-def project(adversarial: torch.Tensor, images: torch.Tensor, eps: float | None, norm: Norm) -> torch.Tensor:
-    """Clip `adversarial` to the `norm` ball of radius `eps` around `images` (None: no ball, as for CW-L2) and to [0, 1]."""
+def project(adversarial: torch.Tensor, images: torch.Tensor, eps: float | torch.Tensor | None, norm: Norm) -> torch.Tensor:
+    """Clip `adversarial` to the `norm` ball of radius `eps` (one for all images, or (B,) one per image) around `images`
+    (B, C, H, W) (None: no ball, as for CW-L2) and to [0, 1]."""
     delta = adversarial - images
     if eps is not None and norm == "linf":
-        delta = delta.clamp(-eps, eps)
+        radius = eps.view(-1, *([1] * (images.ndim - 1))) if isinstance(eps, torch.Tensor) else eps
+        delta = delta.clamp(-radius, radius)
     elif eps is not None:
         norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
         delta = delta * (eps / norms).clamp(max=1.0).view(-1, *([1] * (images.ndim - 1)))

@@ -121,11 +121,11 @@ class MostAdversarial:
 StepRule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (point, gradient, step) -> next point, unprojected
 
 
-def gradient_ascent(expectation: Expectation, images: torch.Tensor, start: torch.Tensor, steps: int, step: StepRule, eps: float,
-                    norm: Norm, weights: tuple[float, ...] | None = None) -> torch.Tensor:
+def gradient_ascent(expectation: Expectation, images: torch.Tensor, start: torch.Tensor, steps: int, step: StepRule,
+                    eps: float | torch.Tensor, norm: Norm, weights: tuple[float, ...] | None = None) -> torch.Tensor:
     """Ascends `expectation`'s loss from `start` for `steps` steps of the rule `step`, each projected onto the `norm` ball
-    of radius `eps` around `images` (B, C, H, W) and onto [0, 1]; returns the most adversarial iterate per image (the start
-    and the last included)."""
+    of radius `eps` (or (B,) one per image) around `images` (B, C, H, W) and onto [0, 1]; returns the most adversarial
+    iterate per image (the start and the last included)."""
     best = MostAdversarial(images)
     point = start.detach()
     for index in range(steps + 1):
@@ -145,9 +145,13 @@ def sign_step(step_size: float) -> StepRule:
     return lambda point, gradient, _: point + step_size * gradient.sign()
 
 
-def l2_step(step_size: float) -> StepRule:
-    """L2-PGD: a step of L2 length `step_size` along the gradient."""
-    return lambda point, gradient, _: point + step_size * gradient / _per_image(gradient.flatten(1).norm(dim=1).clamp_min(1e-12), gradient)
+def l2_step(step_size: float | torch.Tensor) -> StepRule:
+    """L2-PGD: a step of L2 length `step_size` (or (B,) one per image) along the gradient."""
+    def step(point: torch.Tensor, gradient: torch.Tensor, _: int) -> torch.Tensor:
+        length = _per_image(torch.as_tensor(step_size, dtype=gradient.dtype, device=gradient.device), gradient)
+        return point + length * gradient / _per_image(gradient.flatten(1).norm(dim=1).clamp_min(1e-12), gradient)
+
+    return step
 
 
 def momentum_sign_step(step_size: float, decay: float = 1.0) -> StepRule:
