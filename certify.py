@@ -15,11 +15,12 @@ Gaussian noise only, ``diffusion`` and ``nim`` denoise it in one step with the e
 run's own `purifier_dir`). On the class-stratified first `--max_images` test images (default: all), each image gets
 `--n0` selection and `--n` estimation draws of noise keyed by (`--seed`, image index, draw index), `--draws_per_batch`
 per forward pass. With `--check_images N`, each certified image of index < N is attacked by PGD-L2 with EOT on the
-smoothed classifier within `--check_factor` (0.9) x its radius, and PREDICT runs again at the attacked image: the report's
-`radius_check` counts the answers that changed (`contradicted`, which must be 0). `--output_dir` (default `<run dir>/certify/<subject>`, e.g. `teacher+diffusion_smoothing@s0.25`)
-receives `certificates.json`, `certification_report.{json,md}` and `certified_accuracy.{json,png}`. Each finished test
-batch is saved under `<output_dir>/batches/`: the same command after a kill resumes; other settings with an existing
-`batches/` are an error that names what changed.
+smoothed classifier within `--check_factor` (0.9) x its radius, and PREDICT runs again at the attacked image: the
+report's `radius_check` counts the answers that changed (`contradicted`, which must be 0). `--output_dir` (default
+`<run dir>/certify/<subject>`, e.g. `teacher+diffusion_smoothing@s0.25`) receives `certificates.json`,
+`certification_report.{json,md}` and `certified_accuracy.{json,png}`. Each finished test batch is saved under
+`<output_dir>/batches/`: the same command after a kill resumes; other settings with an existing `batches/` are an
+error that names what changed.
 """
 
 from __future__ import annotations
