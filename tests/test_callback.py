@@ -75,7 +75,7 @@ def test_evaluation_works_whatever_the_inference_mode(teacher_run, tmp_path, inf
     model = _load_teacher(teacher_run)
     callback = AdversarialExampleCallback(attacks=EVAL_ATTACKS, val_max_images=None)
     trainer = _trainer(tmp_path, [callback], inference_mode=inference_mode)
-    datamodule = _datamodule(synthetic_samples=800)
+    datamodule = _datamodule(synthetic_samples=400)
     tested = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     assert tested["test/robust_acc/pgd5"] < tested["test/acc"] - 0.2
@@ -86,7 +86,7 @@ def test_inference_mode_does_not_change_the_numbers(teacher_run, tmp_path):
     results = []
     for inference_mode in (True, False):
         trainer = _trainer(tmp_path, [AdversarialExampleCallback(attacks=EVAL_ATTACKS)], inference_mode=inference_mode)
-        results.append(trainer.test(_load_teacher(teacher_run), datamodule=_datamodule(synthetic_samples=800), verbose=False)[0])
+        results.append(trainer.test(_load_teacher(teacher_run), datamodule=_datamodule(synthetic_samples=400), verbose=False)[0])
     assert without_nan(results[0]) == without_nan(results[1])
 
 
@@ -217,24 +217,24 @@ def test_validation_attacks_follow_every_n_epochs_and_max_images(tmp_path):
 
 
 def _ddp_report(teacher_run, tmp_path, devices: int) -> list[dict]:
-    attacks = EVAL_ATTACKS + [AttackSpec(method="apgd_ce", eps=EPS, steps=5), AttackSpec(method="pgd", eps=EPS, steps=5, max_images=41, name="pgd5_subset")]
+    attacks = EVAL_ATTACKS + [AttackSpec(method="apgd_ce", eps=EPS, steps=5), AttackSpec(method="pgd", eps=EPS, steps=5, max_images=21, name="pgd5_subset")]
     trainer = _trainer(tmp_path / f"devices{devices}", [AdversarialExampleCallback(attacks=attacks, worst_case=True)], devices=devices,
                        strategy="ddp_spawn" if devices > 1 else "auto")
-    trainer.test(_load_teacher(teacher_run), datamodule=_datamodule(synthetic_samples=810, batch_size=16), verbose=False)
+    trainer.test(_load_teacher(teacher_run), datamodule=_datamodule(synthetic_samples=407, batch_size=16), verbose=False)
     return json.loads((tmp_path / f"devices{devices}" / "robustness_report.json").read_text())
 
 
 def test_ddp_evaluation_counts_equal_single_process(teacher_run, tmp_path):
     single = _ddp_report(teacher_run, tmp_path, devices=1)
     double = _ddp_report(teacher_run, tmp_path, devices=2)
-    assert single[0]["n"] == 122  # odd-sized test split: no padding duplicates, no sample lost
+    assert single[0]["n"] == 61  # odd-sized test split (31 and 30 a rank): no padding duplicates, no sample lost
     assert [(row["attack"], row["n"], row["correct"]) for row in double] == [(row["attack"], row["n"], row["correct"]) for row in single]
-    # The subset is the same 41 images on one and on two ranks (20 and 21 of them on the two), so every figure agrees.
+    # The subset is the same 21 images on one and on two ranks (10 and 11 of them on the two), so every figure agrees.
     subset = [[row for row in report if row["attack"] == "pgd5_subset"][0] for report in (single, double)]
-    assert subset[0]["n"] == 41 and subset[0] == subset[1]
+    assert subset[0]["n"] == 21 and subset[0] == subset[1]
     # The worst case over the suite covers the images every attack covered (the subset), summed over ranks alike.
     worst = [[row for row in report if row["attack"] == "worst_case"][0] for report in (single, double)]
-    assert worst[0]["n"] == 41 and worst[0] == worst[1] and worst[0]["correct"] <= subset[0]["correct"]
+    assert worst[0]["n"] == 21 and worst[0] == worst[1] and worst[0]["correct"] <= subset[0]["correct"]
 
 
 def test_adversarial_training_under_two_process_ddp(tmp_path):

@@ -275,7 +275,7 @@ def test_the_configs_train_the_two_base_classifiers(capsys):
 
 
 CERTIFY_SETTINGS = ("--sigma", "0.25", "--n", "48", "--n0", "8", "--max_images", "12", "--data.batch_size", "4", "--draws_per_batch", "32",
-                    "--check_images", "8", "--check_steps", "2", "--check_eot", "2")
+                    "--check_images", "4", "--check_steps", "2", "--check_eot", "2")
 
 
 def _certify(exports: dict[str, Path], output: Path, *overrides: str) -> dict:
@@ -313,7 +313,7 @@ def test_certify_writes_certificates_a_report_and_a_curve(uninterrupted):
     assert curve["radius"][0] == 0 and curve["certified_accuracy"][0] == accuracies[0] and len(curve["radius"]) == 101
     assert (uninterrupted / "certified_accuracy.png").stat().st_size > 0 and (uninterrupted / "certification_report.md").is_file()
     checked = [image for image in images if image["check_eps"] > 0]
-    assert [image["index"] for image in checked] == [image["index"] for image in images if image["index"] < 8 and image["prediction"] is not None]
+    assert [image["index"] for image in checked] == [image["index"] for image in images if image["index"] < 4 and image["prediction"] is not None]
     assert all(image["check_eps"] == pytest.approx(0.9 * image["radius"]) and sum(image["check_counts"]) == 48 for image in checked)
     check = report["radius_check"]
     assert (check["images_attacked"], check["steps"], check["eot_samples"], check["factor"]) == (len(checked), 2, 2, 0.9)
