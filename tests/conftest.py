@@ -82,8 +82,8 @@ def command_line(monkeypatch: pytest.MonkeyPatch, main, script: str, *arguments:
     monkeypatch.setattr(sys, "argv", [script, *arguments])
     try:
         run_cli(main)
-    except SystemExit as exit:
-        return str(exit.code or "")
+    except SystemExit as exited:
+        return str(exited.code or "")
     return ""
 
 

@@ -49,13 +49,13 @@ def test_run_directory_holds_checkpoints_config_metrics_and_report(teacher_run):
 def test_help_lists_every_option(capsys):
     from train import main
 
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as exited:
         main(["--help"])
-    assert exit.value.code == 0
-    help = capsys.readouterr().out
+    assert exited.value.code == 0
+    printed = capsys.readouterr().out
     for option in ("--data.source", "--data.root", "--data.image_size", "--run_dir", "--resume", "--checkpoint.monitor",
                    "--trainer.max_epochs", "--model CONFIG"):
-        assert option in help, option
+        assert option in printed, option
 
 
 def test_a_config_without_loggers_logs_to_the_default_ones_in_its_run_directory_and_its_own_replace_them(tmp_path, monkeypatch):
