@@ -35,6 +35,9 @@ from robust_cxr.smoothing import SmoothingNoise
 ABSTAIN = -1  # the prediction of an image CERTIFY or PREDICT abstains on
 CERTIFIED_RADII = (0.0, 0.25, 0.5, 1.0, 2.0)  # L2 radii of the report's rows, in [0, 1] pixel units
 CURVE_POINTS = 101  # radii of the certified-accuracy curve
+IMAGE_FIELDS = ("index", "label", "prediction", "radius", "p_lower", "counts", "selection_counts", "predict", "check_eps", "check_counts",
+                "check_predict")  # per image in certificates.json, in this order
+ANSWER_FIELDS = {"prediction", "predict", "check_predict"}  # null in certificates.json where they abstain (`ABSTAIN`)
 
 
 @dataclass(frozen=True)
@@ -283,14 +286,9 @@ def write_certification(results: dict[str, np.ndarray], directory: str | Path, s
     the largest of `radii` when they certify none) to `directory`; returns the report's JSON path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    answer = lambda value: None if value == ABSTAIN else value  # noqa: E731
-    images = [
-        dict(index=index, label=label, prediction=answer(prediction), radius=radius, p_lower=p_lower, counts=counts, selection_counts=selection,
-             predict=answer(predicted), check_eps=check_eps, check_counts=check_counts, check_predict=answer(check_predict))
-        for index, label, prediction, radius, p_lower, counts, selection, predicted, check_eps, check_counts, check_predict in zip(
-            *(results[name].tolist() for name in ("index", "label", "prediction", "radius", "p_lower", "counts", "selection_counts", "predict",
-                                                  "check_eps", "check_counts", "check_predict")))
-    ]
+    columns = [results[name].tolist() for name in IMAGE_FIELDS]
+    images = [{name: None if name in ANSWER_FIELDS and value == ABSTAIN else value for name, value in zip(IMAGE_FIELDS, row)}
+              for row in zip(*columns)]
     header = json.dumps(dict(subject=subject, class_names=list(class_names)))[:-1]
     (directory / "certificates.json").write_text(header + ', "images": [\n' + ",\n".join(json.dumps(image) for image in images) + "\n]}\n")  # an image a line
     report = certification_report(results, subject, settings, class_names, radii, pixels, check)
