@@ -168,7 +168,8 @@ def _check_imbalance_options(num_classes: int, class_weights: str | list[float],
     if not isinstance(class_weights, str) and (len(class_weights) != num_classes or min(class_weights) <= 0):
         raise ValueError(f"class_weights needs {num_classes} positive weights (one per class), got {class_weights}.")
     if target_sensitivity is not None and num_classes != 2:
-        raise ValueError(f"target_sensitivity sets a binary decision threshold; the data have {num_classes} classes. Leave it unset.")
+        raise ValueError(f"target_sensitivity sets a binary decision threshold; the data have {num_classes} classes. "
+                         "Set it to null (--model.init_args.target_sensitivity null: argmax decisions).")
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise ValueError(f"target_sensitivity must lie in (0, 1], got {target_sensitivity}.")
 
