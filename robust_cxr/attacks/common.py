@@ -120,6 +120,16 @@ def keyed_uniform(like: torch.Tensor, keys: torch.Tensor, seed: int) -> torch.Te
     return (bits.to(torch.float64) / 2**32).to(like.dtype).view_as(like)
 
 
+def per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) values shaped to broadcast against `like` (B, ...)."""
+    return values.view(-1, *([1] * (like.ndim - 1)))
+
+
+def unit_l2(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (B, ...) scaled to L2 norm 1 per image (an all-zero image stays zero)."""
+    return tensor / per_image(tensor.flatten(1).norm(dim=1).clamp_min(1e-12), tensor)
+
+
 def random_start(images: torch.Tensor, eps: float, norm: Norm, keys: torch.Tensor | None, seed: int) -> torch.Tensor:
     """A random point of the eps-ball around `images` (B, C, H, W), kept inside [0, 1]: keyed by (seed, key) per image
     when `keys` (B,) are given, else drawn from the global RNG."""
@@ -127,9 +137,7 @@ def random_start(images: torch.Tensor, eps: float, norm: Norm, keys: torch.Tenso
     delta = eps * (2 * uniform - 1)
     if norm == "l2":
         # A direction from the cube's noise, and a radius from its first coordinate.
-        flat = delta.flatten(1)
-        radius = eps * uniform.flatten(1)[:, :1]
-        delta = (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12) * radius).view_as(images)
+        delta = unit_l2(delta) * per_image(eps * uniform.flatten(1)[:, 0], images)
     return (images + delta).clamp(0, 1)
 
 
@@ -138,11 +146,10 @@ def project(adversarial: torch.Tensor, images: torch.Tensor, eps: float | torch.
     (B, C, H, W) (None: no ball, as for CW-L2) and to [0, 1]."""
     delta = adversarial - images
     if eps is not None and norm == "linf":
-        radius = eps.view(-1, *([1] * (images.ndim - 1))) if isinstance(eps, torch.Tensor) else eps
+        radius = per_image(eps, images) if isinstance(eps, torch.Tensor) else eps
         delta = delta.clamp(-radius, radius)
     elif eps is not None:
-        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-        delta = delta * (eps / norms).clamp(max=1.0).view(-1, *([1] * (images.ndim - 1)))
+        delta = delta * per_image((eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0), images)
     return (images + delta).clamp(0, 1)
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from robust_cxr.attacks.common import LossFn, Norm, Outputs, ScoreFn, mean_over_draws, project, repeat_draws
+from robust_cxr.attacks.common import LossFn, Norm, Outputs, ScoreFn, mean_over_draws, per_image, project, repeat_draws, unit_l2
 
 EotAverage = Literal["loss", "logits"]
 
@@ -93,13 +93,8 @@ def input_gradient(loss: torch.Tensor, images: torch.Tensor, weights: tuple[floa
     gradient = torch.zeros_like(images)
     for term, weight in enumerate(weights):
         grad = torch.autograd.grad(loss[:, term].sum(), images, retain_graph=term < loss.shape[1] - 1)[0]
-        gradient = gradient + weight * grad / _per_image(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+        gradient = gradient + weight * unit_l2(grad)
     return gradient
-
-
-def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) values shaped to broadcast against `like` (B, ...)."""
-    return values.view(-1, *([1] * (like.ndim - 1)))
 
 
 class MostAdversarial:
@@ -113,7 +108,7 @@ class MostAdversarial:
     def offer(self, points: torch.Tensor, score: torch.Tensor, loss: torch.Tensor) -> None:
         """Keeps each of `points` (B, ...) whose (score (B,), loss (B,)) beats the one held for its image."""
         better = (score < self.score) | ((score == self.score) & (loss > self.loss))
-        self.point = torch.where(_per_image(better, points), points.detach(), self.point)
+        self.point = torch.where(per_image(better, points), points.detach(), self.point)
         self.score = torch.where(better, score, self.score)
         self.loss = torch.where(better, loss, self.loss)
 
@@ -148,8 +143,8 @@ def sign_step(step_size: float) -> StepRule:
 def l2_step(step_size: float | torch.Tensor) -> StepRule:
     """L2-PGD: a step of L2 length `step_size` (or (B,) one per image) along the gradient."""
     def step(point: torch.Tensor, gradient: torch.Tensor, _: int) -> torch.Tensor:
-        length = _per_image(torch.as_tensor(step_size, dtype=gradient.dtype, device=gradient.device), gradient)
-        return point + length * gradient / _per_image(gradient.flatten(1).norm(dim=1).clamp_min(1e-12), gradient)
+        length = per_image(torch.as_tensor(step_size, dtype=gradient.dtype, device=gradient.device), gradient)
+        return point + length * unit_l2(gradient)
 
     return step
 
@@ -159,7 +154,7 @@ def momentum_sign_step(step_size: float, decay: float = 1.0) -> StepRule:
     momentum: list[torch.Tensor] = []
 
     def step(point: torch.Tensor, gradient: torch.Tensor, index: int) -> torch.Tensor:
-        normalised = gradient / _per_image(gradient.flatten(1).abs().sum(dim=1).clamp_min(1e-12), gradient)
+        normalised = gradient / per_image(gradient.flatten(1).abs().sum(dim=1).clamp_min(1e-12), gradient)
         momentum[:] = [normalised if index == 0 else decay * momentum[0] + normalised]
         return point + step_size * momentum[0].sign()
 
@@ -190,7 +185,7 @@ def apgd(expectation: Expectation, images: torch.Tensor, start: torch.Tensor, st
     for index in range(steps):
         with torch.no_grad():
             current = point.detach()
-            moved = project(current + _per_image(step_size, current) * gradient.sign(), images, eps, "linf")
+            moved = project(current + per_image(step_size, current) * gradient.sign(), images, eps, "linf")
             momentum = APGD_MOMENTUM if index > 0 else 1.0
             point = project(current + momentum * (moved - current) + (1 - momentum) * (current - previous), images, eps, "linf")
             previous = current
@@ -202,14 +197,14 @@ def apgd(expectation: Expectation, images: torch.Tensor, start: torch.Tensor, st
         rises += (value > last).double()
         improved = value > highest
         highest = torch.where(improved, value, highest)
-        highest_point = torch.where(_per_image(improved, point), point.detach(), highest_point)
-        highest_gradient = torch.where(_per_image(improved, gradient), gradient, highest_gradient)
+        highest_point = torch.where(per_image(improved, point), point.detach(), highest_point)
+        highest_gradient = torch.where(per_image(improved, gradient), gradient, highest_gradient)
         last, since_check = value, since_check + 1
         if since_check == span:
             halve = (rises <= span * APGD_RHO) | (~halved_at_check & (highest_at_check >= highest))
             step_size = torch.where(halve, step_size / 2, step_size)
-            point = torch.where(_per_image(halve, point), highest_point, point.detach())
-            gradient = torch.where(_per_image(halve, gradient), highest_gradient, gradient)
+            point = torch.where(per_image(halve, point), highest_point, point.detach())
+            gradient = torch.where(per_image(halve, gradient), highest_gradient, gradient)
             halved_at_check, highest_at_check = halve, highest.clone()
             since_check, rises, span = 0, torch.zeros_like(rises), max(span - decrease, shortest)
     return best.point
