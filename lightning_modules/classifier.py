@@ -71,8 +71,10 @@ class ImageClassifierModule(StageModule):
         self.model: nn.Module
 
     def register_frozen_teacher(self, teacher: ImageClassifierModule) -> None:
-        """Makes the loaded `teacher` stage's classifier, at its operating point, ``self.teacher`` (see `register_frozen`)."""
+        """Makes the loaded `teacher` stage's classifier ``self.teacher`` at its operating point (its decisions) and
+        ``self.teacher_network`` before it (its probabilities), both frozen (see `register_frozen`)."""
         self.register_frozen("teacher", teacher.deployed_model().undefended)
+        self.register_frozen("teacher_network", teacher.model)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

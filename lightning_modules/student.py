@@ -19,7 +19,8 @@ from robust_cxr.threat import DefendedModel
 
 
 class DistilledStudent(ImageClassifierModule):
-    """A student classifier trained to match a frozen teacher's soft predictions.
+    """A student classifier trained to match a frozen teacher's soft predictions (before the teacher's operating point:
+    a shifted threshold would bias every soft target towards one class).
 
     The teacher (and its purifier) is loaded at construction and kept out of the state dict, the
     optimizer and DDP (`register_frozen`); a student checkpoint therefore names its teacher, it
@@ -81,8 +82,9 @@ class DistilledStudent(ImageClassifierModule):
 
     @property
     def distilled(self) -> nn.Module:
-        """What the student learns to match: the teacher, or the purifier then the teacher (`distill_purified`)."""
-        return self.defended_teacher if self.hparams.distill_purified else self.teacher
+        """What the student learns to match: the teacher's network, or the purifier then it (`distill_purified`), before the
+        teacher's operating point, a decision rule and not part of its probabilities (the student sets its own)."""
+        return PurifiedClassifier(self.purifier, self.teacher_network) if self.hparams.distill_purified else self.teacher_network
 
     def on_fit_start(self) -> None:
         attacked = any(getattr(callback, "train_attacks", None) for callback in self.trainer.callbacks)

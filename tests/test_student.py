@@ -134,6 +134,20 @@ def test_the_teacher_gets_no_gradient_no_optimizer_state_and_no_state_dict_entry
     assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in student.model.parameters())
 
 
+def test_soft_targets_come_before_the_teachers_operating_point(teacher_ckpt, tmp_path):
+    """A teacher that decides at a shifted threshold keeps its probabilities: the student matches those, and the report's
+    teacher (``self.teacher``) decides at the threshold."""
+    checkpoint = torch.load(teacher_ckpt, weights_only=False)
+    checkpoint["state_dict"]["operating_point.offset"] = torch.tensor([0.0, 2.0])
+    shifted_ckpt = tmp_path / "shifted_teacher.ckpt"
+    torch.save(checkpoint, shifted_ckpt)
+    student = _student(shifted_ckpt)
+    images = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    network_logits = student.teacher_network(images)
+    torch.testing.assert_close(student.teacher_logits(images), network_logits)
+    torch.testing.assert_close(student.teacher(images), network_logits + torch.tensor([0.0, 2.0]))
+
+
 def test_a_missing_teacher_checkpoint_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="python train.py --config configs/teacher.yaml"):
         _student(tmp_path / "nowhere.ckpt")
