@@ -59,11 +59,17 @@ def floor_misses(summary: dict, floor: dict[str, float] = FLOOR) -> list[str]:
     return [f"{name.replace('_', ' ')} {summary[name]:.3f} < {minimum}" for name, minimum in floor.items() if summary[name] < minimum]
 
 
+def current_commit() -> str | None:
+    """The repository's commit (short hash, ``-dirty`` with uncommitted changes), None outside a git checkout."""
+    described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    return described.stdout.strip() or None
+
+
 def markdown_table(result: dict) -> str:
     """The runs, their statistics and the floor of `result` (the JSON this benchmark writes) as Markdown."""
     summary = result["summary"]
-    lines = [f"Default teacher ({CONFIG}) per seed, data seed fixed; {result['device']}; train.py overrides: "
-             f"{' '.join(result['overrides']) or 'none'}.", "",
+    lines = [f"Default teacher ({CONFIG}) per seed, data seed fixed; commit {result.get('commit') or 'unknown'}; {result['device']}; "
+             f"train.py overrides: {' '.join(result['overrides']) or 'none'}.", "",
              "| seed | accuracy | balanced accuracy | sensitivity | wall time (s) |", "|---|---|---|---|---|"]
     for run in result["runs"]:
         lines.append(f"| {run['seed']} | {run['accuracy']:.3f} | {run['balanced_accuracy']:.3f} | {run['sensitivity']:.3f} | {run['wall_seconds']:.0f} |")
@@ -87,7 +93,7 @@ def main(argv: list[str]) -> int:
     runs = [train_seed(seed, REPO / args.run_root / f"seed{seed}", overrides) for seed in args.seeds]
     summary = seed_statistics(runs)
     result = dict(
-        benchmark="teacher_seeds", config=CONFIG, overrides=overrides, data_seed="the config's (fixed)",
+        benchmark="teacher_seeds", config=CONFIG, commit=current_commit(), overrides=overrides, data_seed="the config's (fixed)",
         device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         runs=runs, summary=summary, floor=FLOOR, floor_misses=floor_misses(summary),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.teacher_seeds import FLOOR, floor_misses, markdown_table, seed_statistics
+from benchmarks.teacher_seeds import CONFIG, FLOOR, floor_misses, markdown_table, seed_statistics
 
 
 def seed_run(seed: int, accuracy: float, sensitivity: float) -> dict:
@@ -18,7 +18,8 @@ def test_the_floor_holds_for_stable_seeds_and_names_each_bound_missed():
     assert floor_misses(stable) == []
     unstable = seed_statistics([seed_run(0, 0.93, 0.90), seed_run(1, 0.87, 0.84), seed_run(2, 0.89, 0.90)])
     assert floor_misses(unstable) == ["mean accuracy 0.897 < 0.9", "lowest accuracy 0.870 < 0.88", "lowest sensitivity 0.840 < 0.85"]
-    table = markdown_table(dict(device="cpu", overrides=[], runs=[seed_run(1, 0.87, 0.84)], summary=unstable, floor=FLOOR,
-                                floor_misses=floor_misses(unstable)))
+    table = markdown_table(dict(device="cpu", commit="abc1234", overrides=[], runs=[seed_run(1, 0.87, 0.84)], summary=unstable,
+                                floor=FLOOR, floor_misses=floor_misses(unstable)))
+    assert table.startswith(f"Default teacher ({CONFIG}) per seed, data seed fixed; commit abc1234; cpu;")
     assert "| 1 | 0.870 | 0.860 | 0.840 | 101 |" in table and "| lowest | 0.870 | 0.860 | 0.840 | |" in table
     assert table.rstrip().endswith("missed: mean accuracy 0.897 < 0.9; lowest accuracy 0.870 < 0.88; lowest sensitivity 0.840 < 0.85.")
