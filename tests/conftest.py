@@ -125,11 +125,13 @@ def fit_and_save(module, data, path: Path, callbacks: list | None = None, **limi
 
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory) -> Path:
-    """The run directory of the default teacher trained briefly on 1200 phantoms, its attack suite unchanged."""
+    """The run directory of the default teacher trained briefly on 1200 phantoms, its attack suite unchanged, deciding by
+    argmax: after these few steps the threshold for the config's sensitivity target costs a tenth of its clean accuracy
+    (0.71 against 0.84), which the report tests need to stay well above their attacks."""
     directory = tmp_path_factory.mktemp("teacher")
     config = shrink_config(CONFIGS / "teacher.yaml", directory, max_steps=20, keep_model=True, image_size=64, synthetic_samples=1200)
     run_dir = directory / "run"
-    run_train(config, run_dir, "--trainer.max_epochs", str(TEACHER_RUN_EPOCHS))
+    run_train(config, run_dir, "--trainer.max_epochs", str(TEACHER_RUN_EPOCHS), "--model.init_args.target_sensitivity", "null")
     return run_dir
 
 
