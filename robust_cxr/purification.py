@@ -51,7 +51,8 @@ class Purifier(nn.Module):
         eta: DDIM noise scale in [0, 1]: 0 is deterministic, 1 adds DDPM's posterior noise.
         blur_sigma: std of the blur in pixels, > 0 (``blur`` only).
         differentiable: let gradients flow from output to input through every reverse step (white-box
-            attacks, EOT), checkpointing each step so activations stay about one step's worth. Otherwise
+            attacks, EOT), checkpointing each step of a multi-step reverse process so activations stay about one
+            step's worth (a single step runs without: it would only be computed twice). Otherwise
             the purifier runs under `torch.no_grad()` and returns a detached tensor.
 
     Its strength, for purify-then-fine-tune's training range, is t* (`strength_name`, `strength`, `at_strength`, `draw_strength`).
@@ -161,10 +162,13 @@ class Purifier(nn.Module):
         """The reverse process from x_t* (B, C, H, W) in [-1, 1]-space to [0, 1] images, one draw of `draws` per step."""
         step = self._ddpm_step if self.method == "ddpm" else self._ddim_step
         timesteps = self._timesteps()
+        # Checkpointing keeps one step's activations at a time, for a second forward pass in the backward; a single step
+        # keeps its own anyway, so it runs without.
+        checkpointed = self.differentiable and len(timesteps) > 2
         for t, t_prev in zip(timesteps[:-1], timesteps[1:]):
             # Drawn outside the checkpoint so that its recomputation sees the same noise.
             step_noise = next(draws)
-            if self.differentiable:
+            if checkpointed:
                 x = checkpoint(step, x, t, t_prev, step_noise, use_reentrant=False)
             else:
                 x = step(x, t, t_prev, step_noise)

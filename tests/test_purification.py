@@ -156,6 +156,17 @@ def test_checkpointing_changes_neither_outputs_nor_gradients(unet, scheduler, im
     torch.testing.assert_close(gradient, reference)
 
 
+def test_only_a_multi_step_reverse_process_is_checkpointed(unet, scheduler, images, monkeypatch):
+    calls = []
+    monkeypatch.setattr(purification, "checkpoint", lambda step, *args, use_reentrant: calls.append(step) or step(*args))
+    inputs = images.clone().requires_grad_(True)
+    one_step = Purifier(unet, scheduler, t_star=8, method="ddim", steps=1, differentiable=True)(inputs, generator=seeded())
+    torch.autograd.grad(one_step.sum(), inputs)
+    assert calls == []
+    Purifier(unet, scheduler, t_star=8, method="ddim", steps=2, differentiable=True)(inputs, generator=seeded())
+    assert len(calls) == 2
+
+
 def test_generator_seeds_the_noise(unet, scheduler, images):
     purifier = Purifier(unet, scheduler, t_star=10, method="ddpm")
     assert torch.equal(purifier(images, generator=seeded(0)), purifier(images, generator=seeded(0)))
