@@ -256,9 +256,11 @@ def render_summary(summary: dict) -> str:
     data = (f"synthetic data ({chain['synthetic_samples']} images)" if chain["data_source"] == "synthetic"
             else f"{chain['data_source']} data ({Path(chain['data_root']).name})")
     epochs = ", ".join(f"{stage} {epochs}" for stage, epochs in chain["max_epochs"].items())
-    precision = ", ".join(dict.fromkeys(chain["precision"].values()))
+    precisions = chain["precision"]
+    precision = (f"precision {next(iter(precisions.values()))}" if len(set(precisions.values())) == 1
+                 else "precision: " + ", ".join(f"{stage} {value}" for stage, value in precisions.items()))
     lines = [
-        f"Chain: {data}, {chain['image_size']} px, precision {precision}; epochs: {epochs}. Figures from `{runs}/<stage>/{REPORT_FILE}`, "
+        f"Chain: {data}, {chain['image_size']} px, {precision}; epochs: {epochs}. Figures from `{runs}/<stage>/{REPORT_FILE}`, "
         f"costs from `{runs}/{COST_STAGE}/{COST_FILE}` (measured on {summary['cost_device']}). Robust accuracy counts an image right "
         "both clean and attacked. Gray-box: attacks crafted on the classifier alone, scored through the defense; white-box: every "
         "attack the report ran on the model, once one of them is white-box (an attacker who knows the whole pipeline can run any "

@@ -132,6 +132,14 @@ def test_no_admitted_model_is_no_recommendation_with_the_reasons():
     assert "**No recommendation.**" in render_summary(summary)
 
 
+def test_the_chain_line_names_one_precision_or_each_stages():
+    chain = handmade_chain()
+    assert "64 px, precision 32-true; epochs: teacher 15, purifier 6" in render_summary(chain_summary(**chain))
+    chain["configs"]["purifier"]["trainer"]["precision"] = "bf16-mixed"
+    line = render_summary(chain_summary(**chain)).splitlines()[0]
+    assert "precision: teacher 32-true, purifier bf16-mixed, purify_finetune 32-true, student 32-true; epochs:" in line
+
+
 @pytest.mark.parametrize(("missing", "stage_to_run"), [
     ("purify_finetune/robustness_report.json", "configs/purify_finetune.yaml"),
     ("student/model_costs.json", "configs/distill.yaml"),
